@@ -1,0 +1,220 @@
+"""gRPC server scaffolding shared by the four services.
+
+`create_grpc_server` builds a server with the metrics/error interceptor, the
+standard health service (NOT_SERVING until the service says otherwise) and
+reflection; `serve` runs it until SIGTERM/SIGINT and then drains gracefully.
+Handlers raise `ServiceError` (or `ValueError` for bad input) and never leak a
+stack trace to clients: anything unexpected becomes INTERNAL with a one-line
+message, and the trace goes to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rstar import metrics
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServiceError(Exception):
+    """A domain error with the gRPC status code it maps to."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def unavailable(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def exhausted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, ServiceError):
+        context.abort(exc.code, exc.message)
+    if isinstance(exc, ValueError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    log.exception("unhandled error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Per-RPC latency, in-flight and status-code counts; domain errors to status codes."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _record(self, method: str, context, start: float, failed: bool) -> None:
+        code = context.code()
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        name = code.name if hasattr(code, "name") else str(code)
+        metrics.RPC_REQUESTS.labels(self.service, method, name).inc()
+        metrics.RPC_LATENCY.labels(self.service, method).observe(time.perf_counter() - start)
+
+    def _wrap_unary(self, fn, method):
+        def wrapper(request, context):
+            start = time.perf_counter()
+            gauge = metrics.RPC_IN_FLIGHT.labels(self.service, method)
+            gauge.inc()
+            failed = False
+            try:
+                return fn(request, context)
+            except Exception as e:  # noqa: BLE001 - mapped to a status code below
+                failed = True
+                if context.code() is not None:  # the handler already aborted
+                    raise
+                _abort(context, e, method)
+            finally:
+                gauge.dec()
+                self._record(method, context, start, failed)
+
+        return wrapper
+
+    def _wrap_stream(self, fn, method):
+        def wrapper(request, context):
+            start = time.perf_counter()
+            gauge = metrics.RPC_IN_FLIGHT.labels(self.service, method)
+            gauge.inc()
+            failed = False
+            try:
+                yield from fn(request, context)
+            except Exception as e:  # noqa: BLE001
+                failed = True
+                if context.code() is not None:
+                    raise
+                _abort(context, e, method)
+            finally:
+                gauge.dec()
+                self._record(method, context, start, failed)
+
+        return wrapper
+
+
+@dataclass
+class ServerHandle:
+    """A built (not yet started) server and its health servicer."""
+
+    service: str
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("",) + self.service_names:
+            self.health.set(name, status)
+        metrics.SERVICE_READY.labels(self.service).set(1 if serving else 0)
+        log.info("%s health: %s", self.service, "SERVING" if serving else "NOT_SERVING")
+
+
+def create_grpc_server(
+    service: str,
+    register: Callable[[grpc.Server], Iterable[str]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int = 16,
+) -> ServerHandle:
+    """Build a server; `register` adds servicers and returns their full service names."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
+        interceptors=[MetricsInterceptor(service)],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    names = tuple(register(server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"{service}: cannot bind {host}:{port}")
+    handle = ServerHandle(service, server, bound, health_servicer, names)
+    handle.set_serving(False)
+    return handle
+
+
+def serve(handle: ServerHandle, grace: float = 10.0, on_stop: Callable[[], None] | None = None,
+          ready: threading.Event | None = None) -> None:
+    """Start the server and block until SIGTERM/SIGINT; then drain and stop.
+
+    Health flips to NOT_SERVING first so load balancers stop sending, in-flight
+    RPCs get `grace` seconds, then `on_stop` releases the service's resources.
+    """
+    stop = threading.Event()
+
+    def _signal(signum, _frame):
+        log.info("%s: received %s, shutting down", handle.service, signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+    handle.server.start()
+    log.info("%s listening on port %d", handle.service, handle.port)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    handle.set_serving(False)
+    handle.server.stop(grace).wait()
+    if on_stop is not None:
+        on_stop()
+    log.info("%s stopped", handle.service)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
