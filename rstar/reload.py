@@ -1,0 +1,258 @@
+"""Hot reload: follow a model's CURRENT pointer and swap the served model without dropping requests.
+
+Two pieces, both independent of gRPC and of any model library:
+
+- `ModelSlot` holds the model a service serves now and its version. Requests
+  take a reference with `with slot.acquire() as m:` and keep using that model
+  until they finish, even if a swap happens meanwhile; the old model is closed
+  only when its last request lets go. Two modes:
+    * beside (default): build the new model while the old one serves, then swap
+      the reference atomically (memory for two copies);
+    * drain (`two_copies=False`): stop admitting requests (they wait, up to
+      `acquire_timeout_s`), wait for in-flight ones to finish, close the old
+      model, build the new one, admit again. If the build fails the old version
+      is built again from its directory, so the service keeps its old model.
+- `ModelWatcher` polls `registry.current(name)` every `interval_s` seconds in a
+  daemon thread; on a change it fetches the version (verified download into the
+  cache) and calls the service's `load(version, local_dir)`. Any failure (bad
+  hash, missing file, load error) leaves the old model serving, is logged and is
+  counted in `rstar_model_reloads_total{service,model,outcome="failed"}`. A
+  version that failed for a reason of its own is not retried until CURRENT
+  changes again; an unreachable store is retried on the next poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from rstar import metrics
+from rstar.registry import IncompleteVersion, IntegrityError, ModelRegistry, VersionNotFound
+from rstar.store import StoreError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+class SlotUnavailable(RuntimeError):
+    """No model loaded yet, or a drain-mode swap took longer than the caller would wait."""
+
+
+@dataclass
+class Loaded(Generic[M]):
+    """One loaded model: what a request holds while it runs."""
+
+    model: M
+    version: str
+    path: Path | None = None
+    _refs: int = 0
+    _retired: bool = False
+
+
+class ModelSlot(Generic[M]):
+    """The served model + version, swapped atomically; refcounts keep old models alive for in-flight requests."""
+
+    def __init__(self, service: str, model_name: str, close: Callable[[M], None] | None = None,
+                 two_copies: bool = True, acquire_timeout_s: float = 60.0,
+                 on_drain: Callable[[bool], None] | None = None):
+        self.service, self.model_name = service, model_name
+        self._close = close
+        self.two_copies = two_copies
+        self.acquire_timeout_s = acquire_timeout_s
+        self._on_drain = on_drain  # e.g. lambda draining: handle.set_serving(not draining)
+        self._cond = threading.Condition()
+        self._current: Loaded[M] | None = None
+        self._draining = False
+        self._swap_lock = threading.Lock()  # one swap at a time
+
+    @property
+    def version(self) -> str | None:
+        cur = self._current
+        return cur.version if cur else None
+
+    @property
+    def loaded(self) -> bool:
+        return self._current is not None
+
+    @contextlib.contextmanager
+    def acquire(self, timeout: float | None = None) -> Iterator[Loaded[M]]:
+        """Hold the current model for one request."""
+        deadline = time.monotonic() + (self.acquire_timeout_s if timeout is None else timeout)
+        with self._cond:
+            while self._draining or self._current is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SlotUnavailable(f"{self.service}: no {self.model_name} model is loaded"
+                                          + (" (swapping versions)" if self._draining else ""))
+                self._cond.wait(left)
+            entry = self._current
+            entry._refs += 1
+        try:
+            yield entry
+        finally:
+            self._release(entry)
+
+    def _release(self, entry: Loaded[M]) -> None:
+        with self._cond:
+            entry._refs -= 1
+            done = entry._retired and entry._refs == 0
+            self._cond.notify_all()
+        if done:
+            self._dispose(entry)
+
+    def _dispose(self, entry: Loaded[M]) -> None:
+        if self._close is not None:
+            try:
+                self._close(entry.model)
+            except Exception:
+                log.exception("%s: closing %s %s failed", self.service, self.model_name, entry.version)
+
+    def _publish(self, entry: Loaded[M]) -> Loaded[M] | None:
+        """Make `entry` current; returns the old entry if it must be disposed of now."""
+        with self._cond:
+            old, self._current = self._current, entry
+            self._cond.notify_all()
+            dispose_now = None
+            if old is not None:
+                old._retired = True
+                if old._refs == 0:
+                    dispose_now = old  # otherwise the last request holding it disposes of it
+        metrics.MODEL_INFO.labels(self.service, self.model_name, entry.version).set(1)
+        if old is not None and old.version != entry.version:
+            _drop_info(self.service, self.model_name, old.version)
+        return dispose_now
+
+    def swap(self, model: M, version: str, path: Path | None = None) -> None:
+        """Serve `model` from now on; the previous model is closed once no request holds it."""
+        old = self._publish(Loaded(model, version, path))
+        if old is not None:
+            self._dispose(old)
+        log.info("%s: serving %s version %s", self.service, self.model_name, version)
+
+    def loader(self, build: Callable[[str, Path], M]) -> Callable[[str, Path], None]:
+        """A `load(version, local_dir)` callback for ModelWatcher: build the model, then swap it in."""
+
+        def load(version: str, local_dir: Path) -> None:
+            with self._swap_lock:
+                if self.two_copies or self._current is None:
+                    self.swap(build(version, local_dir), version, local_dir)
+                else:
+                    self._drain_swap(build, version, local_dir)
+
+        return load
+
+    def _drain_swap(self, build: Callable[[str, Path], M], version: str, local_dir: Path) -> None:
+        if self._on_drain:
+            self._on_drain(True)
+        with self._cond:
+            self._draining = True
+            while self._current is not None and self._current._refs > 0:
+                self._cond.wait()
+            old, self._current = self._current, None
+        try:
+            assert old is not None
+            self._dispose(old)
+            try:
+                model = build(version, local_dir)
+            except Exception:
+                if old.path is None:
+                    raise
+                log.warning("%s: rebuilding %s %s after a failed swap", self.service, self.model_name, old.version)
+                self._publish(Loaded(build(old.version, old.path), old.version, old.path))
+                raise
+            self._publish(Loaded(model, version, local_dir))
+            if old.version != version:
+                _drop_info(self.service, self.model_name, old.version)
+        finally:
+            with self._cond:
+                self._draining = False
+                self._cond.notify_all()
+            if self._on_drain:
+                self._on_drain(False)
+
+
+def _drop_info(service: str, model: str, version: str) -> None:
+    with contextlib.suppress(KeyError):
+        metrics.MODEL_INFO.remove(service, model, version)
+
+
+class ModelWatcher:
+    """Polls CURRENT and hands each newly promoted version to `load(version, local_dir)`."""
+
+    def __init__(self, registry: ModelRegistry, name: str, load: Callable[[str, Path], Any], *,
+                 service: str, interval_s: float = 10.0):
+        self.registry, self.name, self.load = registry, name, load
+        self.service, self.interval_s = service, interval_s
+        self.version: str | None = None  # the version `load` last accepted
+        self.failed_version: str | None = None  # refused for a reason of its own; skipped until CURRENT moves
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def check_once(self) -> str:
+        """One poll. Returns 'unchanged', 'ok', 'failed' or 'skipped' (a known-bad version)."""
+        with self._lock:
+            try:
+                target = self.registry.current(self.name)
+            except StoreError as e:
+                return self._fail(None, f"cannot read CURRENT: {e}", permanent=False)
+            if target is None:
+                return "unchanged"
+            if target == self.version:
+                self.failed_version = None
+                return "unchanged"
+            if target == self.failed_version:
+                return "skipped"
+            try:
+                local_dir = self.registry.fetch(self.name, target)
+            except (IncompleteVersion, IntegrityError, VersionNotFound) as e:
+                return self._fail(target, str(e), permanent=True)
+            except (StoreError, OSError) as e:
+                return self._fail(target, f"fetch failed: {e}", permanent=False)
+            t0 = time.monotonic()
+            try:
+                self.load(target, local_dir)
+            except Exception as e:  # the service's loader: any failure keeps the old model
+                log.exception("%s: loading %s %s failed", self.service, self.name, target)
+                return self._fail(target, f"load failed: {type(e).__name__}: {e}", permanent=True)
+            previous, self.version, self.failed_version, self.last_error = self.version, target, None, None
+            metrics.MODEL_RELOADS.labels(self.service, self.name, "ok").inc()
+            log.info("%s: %s %s -> %s (loaded in %.1fs)", self.service, self.name, previous, target,
+                     time.monotonic() - t0)
+            return "ok"
+
+    def _fail(self, target: str | None, why: str, permanent: bool) -> str:
+        metrics.MODEL_RELOADS.labels(self.service, self.name, "failed").inc()
+        self.last_error = why
+        if permanent:
+            self.failed_version = target
+        log.error("%s: not switching %s to %s; still serving %s: %s", self.service, self.name, target,
+                  self.version, why)
+        return "failed"
+
+    def start(self) -> "ModelWatcher":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_once()
+            except Exception:  # never let the watcher thread die
+                log.exception("%s: model watcher poll failed", self.service)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
