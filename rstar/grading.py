@@ -21,7 +21,7 @@ def normalize(ans: str) -> str:
     boxed = re.fullmatch(r"\\boxed\{(.*)\}", s)
     if boxed:
         s = boxed.group(1)
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace("$", "")
+    s = s.replace("\\$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace("$", "")
     s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s)
     s = s.replace("\\left", "").replace("\\right", "").replace("dfrac", "frac").replace("tfrac", "frac")
     s = s.strip().rstrip(".").strip()

@@ -186,31 +186,48 @@ def create_grpc_server(
 
 
 def serve(handle: ServerHandle, grace: float = 10.0, on_stop: Callable[[], None] | None = None,
-          ready: threading.Event | None = None) -> None:
-    """Start the server and block until SIGTERM/SIGINT; then drain and stop.
+          ready: threading.Event | None = None, load: Callable[[], None] | None = None) -> None:
+    """Start the server, run `load` (model loading) in this thread, serve until SIGTERM/SIGINT.
 
-    Health flips to NOT_SERVING first so load balancers stop sending, in-flight
-    RPCs get `grace` seconds, then `on_stop` releases the service's resources.
+    The server answers from the start (health NOT_SERVING, RPCs UNAVAILABLE)
+    and flips to SERVING once `load` returns. On a signal, health flips to
+    NOT_SERVING first so load balancers stop sending, in-flight RPCs get
+    `grace` seconds, then `on_stop` releases the service's resources.
     """
     stop = threading.Event()
 
     def _signal(signum, _frame):
         log.info("%s: received %s, shutting down", handle.service, signal.Signals(signum).name)
         stop.set()
+        if loading.is_set():  # interrupt a model load too
+            raise KeyboardInterrupt
 
+    loading = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
     handle.server.start()
     log.info("%s listening on port %d", handle.service, handle.port)
-    if ready is not None:
-        ready.set()
-    stop.wait()
-    handle.set_serving(False)
-    handle.server.stop(grace).wait()
-    if on_stop is not None:
-        on_stop()
-    log.info("%s stopped", handle.service)
+    try:
+        if load is not None:
+            loading.set()
+            try:
+                load()
+            finally:
+                loading.clear()
+        if not stop.is_set():
+            handle.set_serving(True)
+            if ready is not None:
+                ready.set()
+            stop.wait()
+    except KeyboardInterrupt:
+        log.info("%s: interrupted while loading", handle.service)
+    finally:
+        handle.set_serving(False)
+        handle.server.stop(grace).wait()
+        if on_stop is not None:
+            on_stop()
+        log.info("%s stopped", handle.service)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,0 +1,33 @@
+"""PolicyService configuration (env prefix RSTAR_POLICY_)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rstar.config import ConfigError, field
+
+
+@dataclass
+class PolicyConfig:
+    host: str = field("127.0.0.1", "address to bind")
+    port: int = field(50051, "gRPC port (0 = any free port)")
+    metrics_port: int = field(9101, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
+    model: str = field("default", "HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
+    model_version: str = field("", "version label reported to clients (default: derived from the model)")
+    store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/policy/CURRENT")
+    reload_interval: float = field(30.0, "seconds between polls of the registry's CURRENT (0 = no hot reload)")
+    few_shot: bool = field(True, "prepend the two worked examples (needed by models not fine-tuned on the format)")
+    max_model_len: int = field(4096, "context length given to vLLM")
+    kv_cache_gib: int = field(2, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU")
+    gpu_memory_utilization: float = field(0.85, "fraction of GPU memory vLLM may use (GPU only)")
+    dtype: str = field("bfloat16", "model dtype for vLLM")
+    enforce_eager: bool = field(True, "skip graph compilation (loads in ~25 s instead of ~90 s on the CPU)")
+    default_max_tokens: int = field(256, "tokens per candidate step when a request does not say")
+    max_items: int = field(4096, "prefixes per Generate call at most")
+    max_candidates: int = field(64, "candidates per prefix at most")
+    max_batch_sequences: int = field(256, "sequences merged into one engine call at most")
+    log_level: str = field("INFO", "logging level")
+
+    def validate(self) -> None:
+        if self.default_max_tokens <= 0 or self.max_items <= 0 or self.max_candidates <= 0:
+            raise ConfigError("default_max_tokens, max_items and max_candidates must be positive")

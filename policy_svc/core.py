@@ -1,0 +1,185 @@
+"""Policy core: candidate next steps from vLLM, batched across concurrent calls.
+
+No gRPC here. `PolicyEngine` owns one vLLM `LLM` (prefix caching on) and a
+batching thread: concurrent `generate` calls are merged into one engine call,
+so several searches share every forward pass. Each item carries its own seed
+(vLLM per-request seeds), so an item's candidates do not depend on what else is
+in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rstar import metrics, steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    question: str
+    steps: list[str]
+    n: int
+    seed: int
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = steps.STOP_STRINGS
+
+
+@dataclass
+class Candidate:
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+@dataclass
+class ItemResult:
+    candidates: list[Candidate]
+    prompt_tokens: int
+
+
+@dataclass
+class _Job:
+    items: list[Item]
+    sampling: Sampling
+    future: Future = field(default_factory=Future)
+
+
+class PolicyEngine:
+    """vLLM in-process; `generate` is thread-safe and batches across callers."""
+
+    def __init__(self, model_dir: str | Path, version: str, *, few_shot: bool = True, max_model_len: int = 4096,
+                 kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, dtype: str = "bfloat16",
+                 enforce_eager: bool = True, max_batch_sequences: int = 256):
+        self.few_shot = few_shot
+        self.max_batch_sequences = max_batch_sequences
+        self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                 gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                                 enforce_eager=enforce_eager)
+        self._lock = threading.Lock()  # guards (llm, version) swaps
+        self.llm, self.tokenizer = self._load(model_dir)
+        self.version = version
+        self.model_dir = str(model_dir)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="policy-batcher", daemon=True)
+        self._thread.start()
+
+    def _load(self, model_dir):
+        from vllm import LLM
+
+        a = self._engine_args
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(a["kv_cache_gib"]))
+        start = time.monotonic()
+        log.info("loading policy model %s with vLLM", model_dir)
+        kwargs = dict(model=str(model_dir), dtype=a["dtype"], max_model_len=a["max_model_len"],
+                      enable_prefix_caching=True, enforce_eager=a["enforce_eager"], seed=0)
+        if _has_gpu():
+            kwargs["gpu_memory_utilization"] = a["gpu_memory_utilization"]
+        llm = LLM(**kwargs)
+        log.info("policy model loaded in %.1f s", time.monotonic() - start)
+        return llm, llm.get_tokenizer()
+
+    def render(self, item: Item) -> str:
+        return steps.render_prompt(item.question, item.steps, few_shot=self.few_shot)
+
+    def generate(self, items: list[Item], sampling: Sampling, timeout: float | None = None) -> tuple[list[ItemResult], str]:
+        job = _Job(items, sampling)
+        self._queue.put(job)
+        return job.future.result(timeout=timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            seqs = sum(i.n for i in job.items)
+            while seqs < self.max_batch_sequences:  # merge whatever else is waiting
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+                seqs += sum(i.n for i in nxt.items)
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                results = self._run(live)
+                for j, r in zip(live, results):
+                    j.future.set_result(r)
+            except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
+                log.exception("generation failed")
+                for j in live:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+
+    def _run(self, jobs: list[_Job]) -> list[tuple[list[ItemResult], str]]:
+        from vllm import SamplingParams
+
+        prompts, params = [], []
+        for job in jobs:
+            s = job.sampling
+            for item in job.items:
+                prompts.append(self.render(item))
+                params.append(SamplingParams(
+                    n=item.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                    stop=list(s.stop), include_stop_str_in_output=True, seed=item.seed & 0x7FFFFFFF,
+                    skip_special_tokens=False,
+                ))
+        with self._lock:
+            llm, version = self.llm, self.version
+        metrics.POLICY_BATCH_PREFIXES.observe(len(prompts))
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        out_iter = iter(outputs)
+        results = []
+        for job in jobs:
+            item_results = []
+            for _item in job.items:
+                out = next(out_iter)
+                cands = [Candidate(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs]
+                ptoks = len(out.prompt_token_ids or [])
+                metrics.POLICY_PROMPT_TOKENS.inc(ptoks)
+                metrics.POLICY_GENERATED_TOKENS.inc(sum(c.num_tokens for c in cands))
+                metrics.POLICY_SEQUENCES.inc(len(cands))
+                item_results.append(ItemResult(cands, ptoks))
+            results.append((item_results, version))
+        return results
+
+    def swap(self, model_dir: str | Path, version: str) -> None:
+        """Hot reload: load the new model beside the old one, then switch atomically."""
+        llm, tok = self._load(model_dir)
+        with self._lock:
+            old = self.llm
+            self.llm, self.tokenizer, self.version, self.model_dir = llm, tok, version, str(model_dir)
+        del old
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False

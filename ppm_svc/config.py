@@ -1,0 +1,28 @@
+"""PPMService configuration (env prefix RSTAR_PPM_)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rstar.config import ConfigError, field
+
+
+@dataclass
+class PPMConfig:
+    host: str = field("127.0.0.1", "address to bind")
+    port: int = field(50052, "gRPC port (0 = any free port)")
+    metrics_port: int = field(9102, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
+    model: str = field("default", "HF model directory (backbone, optional value_head.safetensors), or 'default'")
+    model_version: str = field("", "version label reported to clients (default: derived from the model)")
+    store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/ppm/CURRENT")
+    reload_interval: float = field(30.0, "seconds between polls of the registry's CURRENT (0 = no hot reload)")
+    head_seed: int = field(0, "seed of a freshly initialised value head (when the model has none)")
+    batch_size: int = field(16, "prefixes per forward pass")
+    max_length: int = field(2048, "tokens per prefix at most (longer prefixes keep their last tokens)")
+    max_prefixes: int = field(4096, "prefixes per Score call at most")
+    threads: int = field(0, "torch threads (0 = torch default)")
+    log_level: str = field("INFO", "logging level")
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.max_length <= 0 or self.max_prefixes <= 0:
+            raise ConfigError("batch_size, max_length and max_prefixes must be positive")

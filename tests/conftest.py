@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated RSTAR_HOME, the converted default model, a tiny random model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Model caches survive between runs (conversion takes ~45 s); everything else is per-test tmp.
+TEST_HOME = Path(os.environ.get("RSTAR_TEST_HOME", ROOT / ".rstar-test"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def test_home() -> Path:
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    return TEST_HOME
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(test_home) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once into the test cache."""
+    from rstar.models import ensure_default_model
+
+    return ensure_default_model(test_home / "cache" / "base" / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(test_home, default_model_dir) -> Path:
+    """A randomly initialised 2-layer Llama with the default tokenizer: vLLM loads it in seconds."""
+    from rstar.models import make_tiny_model
+
+    return make_tiny_model(test_home / "cache" / "tiny-llama", default_model_dir)
