@@ -73,6 +73,23 @@ class JuiceFSGateway:
             "RSTAR_S3_SECURE": "false",
         }
 
+    def s3_config(self, **overrides: object):
+        """An rstar S3Config for this server (fast retries: tests want quick failures)."""
+        from rstar.store import S3Config
+
+        kw = dict(endpoint=self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                  secure=False, retries=3, backoff_s=0.05, connect_timeout_s=2.0, read_timeout_s=20.0)
+        kw.update(overrides)
+        return S3Config(**kw)  # type: ignore[arg-type]
+
+    def store(self, prefix: str = "", bucket: str | None = None, **overrides: object):
+        """An S3Store on a fresh bucket of this server."""
+        import uuid
+
+        from rstar.store import S3Store
+
+        return S3Store(bucket or f"t-{uuid.uuid4().hex[:12]}", prefix, self.s3_config(**overrides))
+
     def _format(self) -> None:
         if (self.workdir / "meta.db").exists():
             return
@@ -156,6 +173,17 @@ try:  # pytest fixtures, when imported from a test module
         if reason:
             pytest.skip(reason)
         gw = JuiceFSGateway(tmp_path_factory.mktemp("s3gw"))
+        gw.start()
+        yield gw
+        gw.stop(signal.SIGTERM)
+
+    @pytest.fixture
+    def private_s3_gateway(tmp_path_factory: "pytest.TempPathFactory"):
+        """A gateway of the test's own, for fault tests that stop and restart it."""
+        reason = gateway_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        gw = JuiceFSGateway(tmp_path_factory.mktemp("s3gw-private"))
         gw.start()
         yield gw
         gw.stop(signal.SIGTERM)
