@@ -1,0 +1,228 @@
+"""The four services as real processes, with a tiny random Llama (same architecture
+and tokenizer as the default model) so vLLM and the PPM load it in seconds.
+
+Checks the contracts across process boundaries: health, reflection, metrics,
+batched generation with stop strings and per-item seeds, PPM scores, Solve's
+trajectory and stats, bad requests, deadlines.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rstar import cli, steps
+from rstar.v1 import common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2, \
+    sandbox_pb2_grpc, search_pb2, search_pb2_grpc
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "Tom has 3 boxes with 12 apples each. How many apples does he have?"
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, tiny_model_dir):
+    home = tmp_path_factory.mktemp("home")
+    eps = {}
+    for name in ("policy", "ppm", "sandbox", "search"):
+        eps[name] = cli.Endpoint(name, f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}/metrics")
+    args = {
+        "policy": ["--model", str(tiny_model_dir), "--model-version", "tiny", "--max-model-len", "2048",
+                   "--kv-cache-gib", "1", "--default-max-tokens", "24"],
+        "ppm": ["--model", str(tiny_model_dir), "--model-version", "tiny-ppm"],
+        "sandbox": [],
+        "search": ["--store-url", str(home / "store")],
+    }
+    env = {"RSTAR_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    procs = cli.start_services(eps, extra_env=env, log_dir=home / "logs", service_args=args)
+    try:
+        cli.wait_healthy(eps, procs, timeout=600, quiet=True)
+    except Exception:
+        cli.stop_services(procs)
+        for name in eps:
+            log = home / "logs" / f"{name}.log"
+            print(f"--- {name} log ---\n" + (log.read_text()[-4000:] if log.exists() else "(none)"))
+        raise
+    yield eps, procs, home
+    cli.stop_services(procs)
+
+
+def _channel(eps, name):
+    return grpc.insecure_channel(eps[name].address)
+
+
+def test_health_and_reflection(services):
+    eps, _, _ = services
+    expected = {"policy": "rstar.v1.PolicyService", "ppm": "rstar.v1.PPMService",
+                "sandbox": "rstar.v1.SandboxService", "search": "rstar.v1.SearchService"}
+    for name, full in expected.items():
+        with _channel(eps, name) as ch:
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=full), timeout=5)
+            assert h.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            resp = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                       timeout=5)))
+            names = {s.name for s in resp.list_services_response.service}
+            assert full in names and "grpc.health.v1.Health" in names
+
+
+def test_policy_generates_k_candidates_per_prefix_with_stop_strings(services):
+    eps, _, _ = services
+    with _channel(eps, "policy") as ch:
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        items = [policy_pb2.GenerationItem(prefix=common_pb2.Prefix(question=QUESTION), n=3, seed=7),
+                 policy_pb2.GenerationItem(prefix=common_pb2.Prefix(question="What is 2+2?",
+                                                                    steps=["<code>\n# Step 1\nx = 2 + 2\n<end_of_step>"]),
+                                           n=2, seed=8)]
+        sampling = policy_pb2.SamplingParams(temperature=1.0, max_tokens=16)
+        resp = stub.Generate(policy_pb2.GenerateRequest(items=items, sampling=sampling), timeout=120)
+        assert resp.model_version == "tiny"
+        assert [len(r.candidates) for r in resp.results] == [3, 2]
+        for r in resp.results:
+            assert r.prompt_tokens > 0
+            for c in r.candidates:
+                assert c.finish_reason in ("stop", "length") and 0 < c.num_tokens <= 16
+                if c.finish_reason == "stop":
+                    assert c.text.endswith(steps.STOP_STRINGS) or c.num_tokens < 16
+        # the seed, not the batch, decides an item's candidates
+        alone = stub.Generate(policy_pb2.GenerateRequest(items=items[1:], sampling=sampling), timeout=120)
+        assert [c.text for c in alone.results[0].candidates] == [c.text for c in resp.results[1].candidates]
+
+
+def test_policy_rejects_bad_requests(services):
+    eps, _, _ = services
+    with _channel(eps, "policy") as ch:
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        for req in (policy_pb2.GenerateRequest(),
+                    policy_pb2.GenerateRequest(items=[policy_pb2.GenerationItem(prefix=common_pb2.Prefix(question=""))]),
+                    policy_pb2.GenerateRequest(items=[policy_pb2.GenerationItem(
+                        prefix=common_pb2.Prefix(question="q"), n=1000)])):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_ppm_scores_batched_prefixes(services):
+    eps, _, _ = services
+    with _channel(eps, "ppm") as ch:
+        stub = ppm_pb2_grpc.PPMServiceStub(ch)
+        p1 = common_pb2.Prefix(question=QUESTION, steps=["<code>\n# Step 1\nx = 3 * 12\n<end_of_step>"])
+        p2 = common_pb2.Prefix(question=QUESTION)
+        resp = stub.Score(ppm_pb2.ScoreRequest(prefixes=[p1, p2, p1]), timeout=60)
+        assert resp.model_version == "tiny-ppm"
+        assert len(resp.scores) == 3 and all(-1.0 <= s <= 1.0 for s in resp.scores)
+        assert resp.scores[0] == pytest.approx(resp.scores[2], abs=1e-5)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(ppm_pb2.ScoreRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sandbox_runs_a_program(services):
+    eps, _, _ = services
+    with _channel(eps, "sandbox") as ch:
+        stub = sandbox_pb2_grpc.SandboxServiceStub(ch)
+        resp = stub.Execute(sandbox_pb2.ExecuteRequest(programs=[
+            sandbox_pb2.Program(code="print(3 * 12)"), sandbox_pb2.Program(code="raise ValueError('boom')")]),
+            timeout=30)
+        assert resp.results[0].stdout.strip() == "36" and resp.results[0].failure == sandbox_pb2.OK
+        assert resp.results[1].failure == sandbox_pb2.ERROR and "boom" in resp.results[1].stderr
+
+
+def _solve(eps, budget, timeout=300, **kw):
+    with _channel(eps, "search") as ch:
+        return search_pb2_grpc.SearchServiceStub(ch).Solve(
+            search_pb2.SolveRequest(problem=kw.pop("problem", QUESTION), budget=budget, **kw), timeout=timeout)
+
+
+def test_solve_returns_executed_trajectory_and_consistent_stats(services):
+    eps, _, _ = services
+    budget = search_pb2.Budget(rollouts=3, candidates_per_expansion=2, max_depth=4)
+    resp = _solve(eps, budget, seed=3)
+    traj = resp.trajectory
+    assert traj.steps, "the winning trajectory has no steps"
+    for s in traj.steps:
+        assert s.text
+        if s.code.strip():  # every step with code was executed: output or a failure kind
+            assert s.output or s.failure
+    st = resp.stats
+    assert st.rollouts == 3 and st.trees == 1
+    assert st.nodes >= len(traj.steps)
+    assert st.generated_tokens > 0 and st.policy_calls >= 1 and st.ppm_calls >= 1
+    assert st.executions <= st.nodes
+    t = st.times
+    parts = t.generate_seconds + t.ppm_seconds + t.sandbox_seconds + t.other_seconds
+    assert parts == pytest.approx(t.total_seconds, rel=0.05, abs=0.05)
+    versions = {m.name: m.version for m in resp.model_versions}
+    assert versions.get("policy") == "tiny" and versions.get("ppm") == "tiny-ppm"
+    # same seed, same models: same tree, same answer
+    again = _solve(eps, budget, seed=3)
+    assert [s.text for s in again.trajectory.steps] == [s.text for s in traj.steps]
+    assert again.answer == resp.answer
+
+
+def test_solve_rejects_bad_requests(services):
+    eps, _, _ = services
+    good = search_pb2.Budget(rollouts=1, candidates_per_expansion=1)
+    for problem, budget in (("", good), ("   ", good), ("x" * (1024 * 1024), good),
+                            (QUESTION, search_pb2.Budget(rollouts=-1)),
+                            (QUESTION, search_pb2.Budget(rollouts=1, candidates_per_expansion=-2))):
+        with pytest.raises(grpc.RpcError) as e:
+            _solve(eps, budget, timeout=30, problem=problem)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (problem[:20], budget)
+        assert e.value.details()
+
+
+def test_deadline_expires_and_services_stay_healthy(services):
+    eps, procs, _ = services
+    with pytest.raises(grpc.RpcError) as e:
+        _solve(eps, search_pb2.Budget(rollouts=50, candidates_per_expansion=4), timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.5)
+    for name in eps:
+        assert procs[name].poll() is None, f"{name} died"
+        assert cli._health(eps[name].address) == "SERVING"
+    resp = _solve(eps, search_pb2.Budget(rollouts=1, candidates_per_expansion=1, max_depth=2), timeout=120)
+    assert resp.stats.rollouts == 1
+
+
+def test_metrics_endpoints_count_rpcs(services):
+    eps, _, _ = services
+    for name, ep in eps.items():
+        body = urllib.request.urlopen(ep.metrics_url, timeout=10).read().decode()
+        assert "rstar_rpc_latency_seconds_bucket" in body, name
+        assert f'rstar_rpc_requests_total{{code="OK",method=' in body or "rstar_rpc_requests_total{" in body
+    body = urllib.request.urlopen(eps["search"].metrics_url, timeout=10).read().decode()
+    assert 'code="INVALID_ARGUMENT"' in body
+
+
+def test_cli_status_and_solve(services):
+    eps, _, _ = services
+    import subprocess
+    import sys
+
+    addr = [f"--{n}-address={eps[n].address}" for n in eps]
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "status", *addr], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "policy=tiny" in out.stdout and out.stdout.count("SERVING") == 4
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "solve", QUESTION, "--rollouts", "1", "-k", "1",
+                          "--max-depth", "2", "--json", f"--search-address={eps['search'].address}"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    import json
+
+    data = json.loads(out.stdout)
+    assert data["stats"]["rollouts"] == 1 and "trajectory" in data
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "solve", QUESTION, "--rollouts", "1", "-k", "1",
+                          "--max-depth", "2", f"--search-address={eps['search'].address}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "answer:" in out.stdout and "stats:" in out.stdout and "step 1" in out.stdout
+    assert "rollout 1/1" in out.stderr  # progress lines
