@@ -1,0 +1,582 @@
+"""Evolution-round controller: runs one self-evolution round as Kubernetes Jobs.
+
+A round is five stages run in order: ``synthesis`` (N shards in parallel, CPU
+clients of the search service's synthesis mode) -> ``train-policy`` ->
+``train-ppm`` -> ``eval`` (GPU stages) -> ``promote``. Each stage runs the
+command ``rstar evolve --stage <stage> --round <n>`` (synthesis shards add
+``--shard i --shards N``) in a Job the controller creates; the controller
+only builds, launches, watches, retries and cleans up Jobs.
+
+Where a round stands lives in the object store at ``rounds/round-<n>/state.json``
+and is written before every Job is created, so a controller that crashes (or
+whose CronJob pod is evicted) resumes the round: Jobs that still exist are
+adopted, Jobs that vanished are recreated under the same name, finished tasks
+are never rerun.
+
+Design points
+- Job specs come from the pure function :func:`build_job` (tests check them
+  as data and against the Kubernetes schemas).
+- The controller polls ``list_namespaced_job`` with a label selector instead of
+  holding a watch: a poll every ``poll_seconds`` is cheap for a handful of Jobs,
+  survives API-server restarts and watch expiry, and keeps the RBAC to
+  create/list/delete on Jobs (see k8s/base/evolution/rbac.yaml).
+- Jobs run with ``backoffLimit`` 0 (by default): a failed task is retried by the
+  controller as a new attempt (new Job name), up to ``max_attempts``, so every
+  retry is visible in state.json and in ``rstar_evolution_task_retries_total``.
+- A round has a deadline: past it, the controller deletes the round's running
+  Jobs and marks the round failed.
+- Stage Jobs may write a JSON summary to ``rounds/round-<n>/<stage>.json``; the
+  controller copies it into state.json and exports the synthesis solved ratio.
+
+Run: ``python -m trainer.controller --round auto`` (env ``RSTAR_EVOLUTION_*``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from prometheus_client import Counter, Gauge
+
+from rstar import metrics
+from rstar.config import ConfigError, field, parse
+from rstar.store import NotFound, open_store
+
+log = logging.getLogger("trainer.controller")
+
+STAGES: tuple[str, ...] = ("synthesis", "train-policy", "train-ppm", "eval", "promote")
+GPU_STAGES = frozenset({"train-policy", "train-ppm", "eval"})
+STATE_SCHEMA = 1
+LABEL_PREFIX = "rstar.io"
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+# Controller-specific metrics (the round-level ones live in rstar.metrics).
+TASKS = Gauge("rstar_evolution_tasks", "Tasks of the current round by stage and status.", ["stage", "status"])
+TASK_RETRIES = Counter("rstar_evolution_task_retries_total", "Failed stage Jobs retried as a new attempt.", ["stage"])
+JOBS_CREATED = Counter("rstar_evolution_jobs_created_total", "Stage Jobs created.", ["stage"])
+TASK_STATUSES = ("pending", "running", "succeeded", "failed")
+
+
+@dataclass
+class ControllerConfig:
+    round: str = field("auto", "Round to run: 'auto' (resume the running one or start the next) or a number")
+    namespace: str = field("", "Namespace of the Jobs; empty: the pod's own namespace, else 'default'")
+    store_url: str = field("", "Object store URL; empty: $RSTAR_STORE_URL, else the local default")
+    image: str = field("rstar-slim:0.1.0", "Image of the CPU stages (synthesis, promote)")
+    gpu_image: str = field("rstar-vllm-cpu:0.1.0", "Image of the training and evaluation stages")
+    shards: int = field(4, "Synthesis shards (one Job each)")
+    parallelism: int = field(4, "Synthesis shard Jobs running at once")
+    max_attempts: int = field(3, "Attempts per task before the round fails")
+    round_deadline_seconds: int = field(86400, "The round fails when it is not done this long after it started")
+    job_deadline_seconds: int = field(21600, "activeDeadlineSeconds of each stage Job")
+    job_backoff_limit: int = field(0, "backoffLimit of each stage Job (pod retries inside one attempt)")
+    job_ttl_seconds: int = field(86400, "ttlSecondsAfterFinished of each stage Job")
+    poll_seconds: float = field(15.0, "Seconds between two looks at the round's Jobs")
+    env_configmap: str = field("rstar-config", "ConfigMap passed to stage Jobs with envFrom")
+    env_secret: str = field("rstar-s3", "Secret passed to stage Jobs with envFrom (object-store credentials)")
+    cpu_request: str = field("1", "CPU request of CPU stages")
+    cpu_limit: str = field("2", "CPU limit of CPU stages")
+    memory: str = field("2Gi", "Memory request and limit of CPU stages")
+    gpu_cpu_request: str = field("2", "CPU request of GPU stages")
+    gpu_cpu_limit: str = field("4", "CPU limit of GPU stages")
+    gpu_memory: str = field("8Gi", "Memory request and limit of GPU stages")
+    gpu_resource: str = field("nvidia.com/gpu", "Extended resource name of a GPU")
+    gpus_per_job: int = field(0, "GPUs per training/eval Job (0: run them on CPU)")
+    gpu_node_selector: str = field("{}", "JSON object: nodeSelector of GPU stage pods")
+    gpu_tolerations: str = field("[]", "JSON list: tolerations of GPU stage pods")
+    work_volume_size: str = field("20Gi", "sizeLimit of each Job's scratch volume (/var/lib/rstar)")
+    run_as_user: int = field(10001, "UID of stage containers (the images' non-root user)")
+    metrics_port: int = field(9105, "Port of the controller's /metrics (0: none)")
+    linger_seconds: float = field(30.0, "Keep serving /metrics this long after the round ends (final scrape)")
+    log_level: str = field("INFO", "Log level")
+
+    def validate(self) -> None:
+        if self.round != "auto" and not self.round.isdigit():
+            raise ConfigError(f"round: expected 'auto' or a number, got {self.round!r}")
+        if self.shards < 1 or self.parallelism < 1 or self.max_attempts < 1:
+            raise ConfigError("shards, parallelism and max_attempts must be >= 1")
+        if self.poll_seconds <= 0 or self.round_deadline_seconds <= 0 or self.job_deadline_seconds <= 0:
+            raise ConfigError("poll_seconds and the deadlines must be > 0")
+        if self.gpus_per_job < 0:
+            raise ConfigError("gpus_per_job must be >= 0")
+        try:
+            sel, tol = json.loads(self.gpu_node_selector), json.loads(self.gpu_tolerations)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"gpu_node_selector/gpu_tolerations must be JSON: {e}") from e
+        if not isinstance(sel, dict) or not isinstance(tol, list):
+            raise ConfigError("gpu_node_selector must be a JSON object and gpu_tolerations a JSON list")
+
+
+# --------------------------------------------------------------------------- tasks and Job specs
+
+
+@dataclass(frozen=True)
+class Task:
+    stage: str
+    shard: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.stage if self.shard is None else f"{self.stage}-{self.shard}"
+
+
+def round_tasks(cfg: ControllerConfig) -> list[Task]:
+    """All tasks of a round, in stage order."""
+    out = [Task("synthesis", i) for i in range(cfg.shards)]
+    out += [Task(s) for s in STAGES[1:]]
+    return out
+
+
+def job_name(round_n: int, task: Task, attempt: int) -> str:
+    """DNS-1123 Job name, unique per round, task and attempt (<= 63 chars)."""
+    name = f"rstar-r{round_n}-{task.id}-a{attempt}"
+    if len(name) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
+        raise ValueError(f"job name {name!r} is not a valid DNS-1123 label")
+    return name
+
+
+def job_labels(round_n: int, task: Task, attempt: int) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "rstar-evolution",
+        "app.kubernetes.io/component": "evolution-stage",
+        "app.kubernetes.io/part-of": "rstar",
+        "app.kubernetes.io/managed-by": "rstar-evolution-controller",
+        f"{LABEL_PREFIX}/round": str(round_n),
+        f"{LABEL_PREFIX}/stage": task.stage,
+        f"{LABEL_PREFIX}/attempt": str(attempt),
+    }
+    if task.shard is not None:
+        labels[f"{LABEL_PREFIX}/shard"] = str(task.shard)
+    return labels
+
+
+def stage_command(cfg: ControllerConfig, round_n: int, task: Task) -> list[str]:
+    cmd = ["rstar", "evolve", "--stage", task.stage, "--round", str(round_n)]
+    if task.shard is not None:
+        cmd += ["--shard", str(task.shard), "--shards", str(cfg.shards)]
+    return cmd
+
+
+def build_job(cfg: ControllerConfig, namespace: str, round_n: int, task: Task, attempt: int) -> dict[str, Any]:
+    """The Job manifest (a plain dict, batch/v1) for one attempt of one task."""
+    gpu = task.stage in GPU_STAGES
+    labels = job_labels(round_n, task, attempt)
+    if gpu:
+        resources: dict[str, Any] = {
+            "requests": {"cpu": cfg.gpu_cpu_request, "memory": cfg.gpu_memory},
+            "limits": {"cpu": cfg.gpu_cpu_limit, "memory": cfg.gpu_memory},
+        }
+        if cfg.gpus_per_job > 0:
+            resources["requests"][cfg.gpu_resource] = str(cfg.gpus_per_job)
+            resources["limits"][cfg.gpu_resource] = str(cfg.gpus_per_job)
+    else:
+        resources = {
+            "requests": {"cpu": cfg.cpu_request, "memory": cfg.memory},
+            "limits": {"cpu": cfg.cpu_limit, "memory": cfg.memory},
+        }
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "work", "emptyDir": {"sizeLimit": cfg.work_volume_size}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "work", "mountPath": "/var/lib/rstar"},
+    ]
+    if gpu:  # torch/vLLM need a real /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    env = [
+        {"name": "RSTAR_HOME", "value": "/var/lib/rstar"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    container: dict[str, Any] = {
+        "name": "stage",
+        "image": cfg.gpu_image if gpu else cfg.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": stage_command(cfg, round_n, task),
+        "env": env,
+        "envFrom": [
+            {"configMapRef": {"name": cfg.env_configmap}},
+            {"secretRef": {"name": cfg.env_secret}},
+        ],
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if gpu:
+        selector = json.loads(cfg.gpu_node_selector)
+        tolerations = json.loads(cfg.gpu_tolerations)
+        if selector:
+            pod_spec["nodeSelector"] = selector
+        if tolerations:
+            pod_spec["tolerations"] = tolerations
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name(round_n, task, attempt), "namespace": namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": cfg.job_backoff_limit,
+            "activeDeadlineSeconds": cfg.job_deadline_seconds,
+            "ttlSecondsAfterFinished": cfg.job_ttl_seconds,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_key(round_n: int) -> str:
+    return f"rounds/round-{round_n}/state.json"
+
+
+def summary_key(round_n: int, stage: str) -> str:
+    return f"rounds/round-{round_n}/{stage}.json"
+
+
+def new_state(cfg: ControllerConfig, round_n: int, now: float) -> dict[str, Any]:
+    return {
+        "schema": STATE_SCHEMA,
+        "round": round_n,
+        "status": "running",
+        "reason": "",
+        "stage": STAGES[0],
+        "started_at": now,
+        "deadline_at": now + cfg.round_deadline_seconds,
+        "finished_at": None,
+        "updated_at": now,
+        "shards": cfg.shards,
+        "tasks": {
+            t.id: {"stage": t.stage, "shard": t.shard, "attempt": 0, "tries": 0, "job": None, "status": "pending",
+                   "failures": []}
+            for t in round_tasks(cfg)
+        },
+        "summaries": {},
+    }
+
+
+_ROUND_KEY = re.compile(r"^rounds/round-(\d+)/state\.json$")
+
+
+def known_rounds(store) -> list[int]:
+    out = []
+    for key in store.list("rounds/"):
+        m = _ROUND_KEY.match(key)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def load_state(store, round_n: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(store.get(state_key(round_n)))
+    except NotFound:
+        return None
+    if data.get("schema") != STATE_SCHEMA:
+        raise RuntimeError(f"{state_key(round_n)}: unsupported state schema {data.get('schema')!r}")
+    return data
+
+
+def save_state(store, state: dict[str, Any], now: float) -> None:
+    state["updated_at"] = now
+    store.put(state_key(state["round"]), json.dumps(state, indent=1, sort_keys=True).encode())
+
+
+def last_success_time(store) -> float | None:
+    """finished_at of the newest succeeded round, if any."""
+    for n in reversed(known_rounds(store)):
+        st = load_state(store, n)
+        if st and st.get("status") == "succeeded" and st.get("finished_at"):
+            return float(st["finished_at"])
+    return None
+
+
+def choose_round(store, cfg: ControllerConfig, now: float) -> tuple[dict[str, Any] | None, str]:
+    """Pick the round to work on: (state, why). state None: nothing to do."""
+    rounds = known_rounds(store)
+    if cfg.round == "auto":
+        if rounds:
+            latest = load_state(store, rounds[-1])
+            if latest and latest["status"] == "running":
+                return latest, f"resuming round {rounds[-1]}"
+        n = rounds[-1] + 1 if rounds else 1
+        return new_state(cfg, n, now), f"starting round {n}"
+    n = int(cfg.round)
+    st = load_state(store, n)
+    if st is None:
+        return new_state(cfg, n, now), f"starting round {n}"
+    if st["status"] == "succeeded":
+        return None, f"round {n} already succeeded"
+    if st["status"] == "failed":  # explicit re-run: failed tasks get fresh attempts, a new deadline
+        st["status"], st["reason"], st["finished_at"] = "running", "", None
+        st["deadline_at"] = now + cfg.round_deadline_seconds
+        for t in st["tasks"].values():
+            t["tries"] = 0
+            if t["status"] in ("failed", "running"):
+                t["status"], t["job"] = "pending", None
+        return st, f"re-running failed round {n}"
+    return st, f"resuming round {n}"
+
+
+# --------------------------------------------------------------------------- Kubernetes helpers
+
+
+def _job_phase(job: Any) -> tuple[str, str]:
+    """('succeeded'|'failed'|'running', reason) from a V1Job's status."""
+    status = getattr(job, "status", None)
+    conditions = (getattr(status, "conditions", None) or []) if status else []
+    for c in conditions:
+        if c.type in ("Complete", "SuccessCriteriaMet") and c.status == "True":
+            return "succeeded", ""
+        if c.type in ("Failed", "FailureTarget") and c.status == "True":
+            return "failed", f"{c.reason or 'Failed'}: {c.message or ''}".strip()
+    if status is not None and (status.succeeded or 0) >= 1 and not (status.active or 0):
+        return "succeeded", ""
+    return "running", ""
+
+
+def _api_status(exc: BaseException) -> int | None:
+    return getattr(exc, "status", None)
+
+
+class Controller:
+    """Drives one round to an end (succeeded or failed). `api` is a BatchV1Api (or a fake with the same calls)."""
+
+    def __init__(self, cfg: ControllerConfig, api: Any, store: Any, namespace: str,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.cfg, self.api, self.store, self.ns = cfg, api, store, namespace
+        self.clock, self.sleep = clock, sleep
+
+    # -- one round ---------------------------------------------------------------------------
+    def run(self, state: dict[str, Any]) -> dict[str, Any]:
+        n = state["round"]
+        metrics.EVOLUTION_ROUND.set(n)
+        save_state(self.store, state, self.clock())
+        while True:
+            self.step(state)
+            if state["status"] != "running":
+                return state
+            self.sleep(self.cfg.poll_seconds)
+
+    def step(self, state: dict[str, Any]) -> None:
+        """One look at the round's Jobs: advance, retry, launch, or finish. Saves state when it changed."""
+        now = self.clock()
+        n = state["round"]
+        before = json.dumps(state, sort_keys=True)
+        if now >= state["deadline_at"]:
+            self._fail(state, f"deadline exceeded ({self.cfg.round_deadline_seconds}s after start)", now)
+            return
+        stage = next((s for s in STAGES if any(
+            t["stage"] == s and t["status"] != "succeeded" for t in state["tasks"].values())), None)
+        if stage is None:
+            self._succeed(state, now)
+            return
+        if stage != state["stage"]:
+            log.info("round %d: stage %s", n, stage)
+        state["stage"] = stage
+        try:
+            observed = {j.metadata.name: j for j in self._list_jobs(n)}
+        except Exception as e:  # noqa: BLE001 - API hiccups: try again next poll
+            log.warning("round %d: listing Jobs failed (%s); retrying", n, e)
+            return
+        tasks = [(tid, t) for tid, t in state["tasks"].items() if t["stage"] == stage]
+        for tid, t in tasks:
+            if t["status"] != "running":
+                continue
+            job = observed.get(t["job"])
+            if job is None:
+                log.warning("round %d: Job %s vanished; recreating it", n, t["job"])
+                t["status"] = "pending"  # keeps t["job"]: same attempt, same name
+                continue
+            phase, reason = _job_phase(job)
+            if phase == "succeeded":
+                log.info("round %d: %s succeeded (%s)", n, tid, t["job"])
+                t["status"] = "succeeded"
+            elif phase == "failed":
+                t["failures"].append({"attempt": t["attempt"], "job": t["job"], "reason": reason, "at": now})
+                self._delete_job(t["job"])
+                t["job"] = None
+                if t["tries"] >= self.cfg.max_attempts:
+                    t["status"] = "failed"
+                    self._fail(state, f"{tid} failed {t['tries']} times; last: {reason}", now)
+                    return
+                log.warning("round %d: %s failed (%s); retrying", n, tid, reason)
+                TASK_RETRIES.labels(t["stage"]).inc()
+                t["status"] = "pending"  # job None: the next launch is a new attempt
+        limit = self.cfg.parallelism if stage == "synthesis" else 1
+        running = sum(1 for _, t in tasks if t["status"] == "running")
+        for tid, t in tasks:
+            if running >= limit:
+                break
+            if t["status"] != "pending":
+                continue
+            if t["job"] is None:  # a new attempt (else: recreate the vanished Job under its name)
+                t["attempt"] += 1
+                t["tries"] += 1
+            task = Task(t["stage"], t["shard"])
+            body = build_job(self.cfg, self.ns, n, task, t["attempt"])
+            t["job"], t["status"] = body["metadata"]["name"], "running"
+            save_state(self.store, state, now)  # persist intent before acting: a crash here resumes
+            self._create_job(body)
+            running += 1
+        if all(t["status"] == "succeeded" for _, t in tasks):
+            self._collect_summary(state, stage)
+        self._export(state)
+        if json.dumps(state, sort_keys=True) != before:
+            save_state(self.store, state, now)
+
+    # -- API calls (the only ones the controller makes: create, list, delete) -----------------
+    def _list_jobs(self, n: int) -> list[Any]:
+        res = self.api.list_namespaced_job(self.ns, label_selector=f"{LABEL_PREFIX}/round={n}")
+        return list(res.items or [])
+
+    def _create_job(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        try:
+            self.api.create_namespaced_job(self.ns, body)
+            JOBS_CREATED.labels(body["metadata"]["labels"][f"{LABEL_PREFIX}/stage"]).inc()
+            log.info("created Job %s", name)
+        except Exception as e:  # noqa: BLE001
+            if _api_status(e) == 409:
+                log.info("Job %s exists already; adopting it", name)
+                return
+            # Leave the task 'running': the next poll does not find the Job and recreates it.
+            log.warning("creating Job %s failed (%s); will retry", name, e)
+
+    def _delete_job(self, name: str | None) -> None:
+        if not name:
+            return
+        try:
+            self.api.delete_namespaced_job(name, self.ns, propagation_policy="Background")
+        except Exception as e:  # noqa: BLE001
+            if _api_status(e) != 404:
+                log.warning("deleting Job %s failed (%s)", name, e)
+
+    # -- ends ----------------------------------------------------------------------------------
+    def _fail(self, state: dict[str, Any], reason: str, now: float) -> None:
+        log.error("round %d failed: %s", state["round"], reason)
+        for t in state["tasks"].values():
+            if t["status"] == "running":
+                self._delete_job(t["job"])
+                t["status"], t["job"] = "pending", None
+        state.update(status="failed", reason=reason, finished_at=now)
+        metrics.EVOLUTION_FAILURES.inc()
+        self._export(state)
+        save_state(self.store, state, now)
+
+    def _succeed(self, state: dict[str, Any], now: float) -> None:
+        log.info("round %d succeeded", state["round"])
+        state.update(status="succeeded", stage="done", finished_at=now)
+        metrics.EVOLUTION_LAST_SUCCESS.set(now)
+        self._export(state)
+        save_state(self.store, state, now)
+
+    def _collect_summary(self, state: dict[str, Any], stage: str) -> None:
+        if stage in state["summaries"]:
+            return
+        try:
+            summary = json.loads(self.store.get(summary_key(state["round"], stage)))
+        except NotFound:
+            return
+        except ValueError as e:
+            log.warning("round %d: bad %s summary: %s", state["round"], stage, e)
+            return
+        state["summaries"][stage] = summary
+
+    def _export(self, state: dict[str, Any]) -> None:
+        n = str(state["round"])
+        for s in (*STAGES, "done"):
+            metrics.EVOLUTION_STAGE.labels(n, s).set(1 if state["stage"] == s and state["status"] == "running"
+                                                     or (s == "done" and state["status"] == "succeeded") else 0)
+        for s in STAGES:
+            for st in TASK_STATUSES:
+                TASKS.labels(s, st).set(sum(1 for t in state["tasks"].values()
+                                            if t["stage"] == s and t["status"] == st))
+        ratio = solved_ratio(state["summaries"].get("synthesis"))
+        if ratio is not None:
+            metrics.EVOLUTION_SOLVED_RATIO.labels(n).set(ratio)
+
+
+def solved_ratio(summary: dict[str, Any] | None) -> float | None:
+    """From a synthesis summary: `solved_ratio`, or `solved` / `total`."""
+    if not summary:
+        return None
+    if isinstance(summary.get("solved_ratio"), (int, float)):
+        return float(summary["solved_ratio"])
+    solved, total = summary.get("solved"), summary.get("total")
+    if isinstance(solved, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        return float(solved) / float(total)
+    return None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def own_namespace(cfg: ControllerConfig) -> str:
+    if cfg.namespace:
+        return cfg.namespace
+    try:
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def kubernetes_batch_api() -> Any:
+    from kubernetes import client, config as kconfig
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        kconfig.load_kube_config()
+    return client.BatchV1Api()
+
+
+def main(argv: Sequence[str] | None = None, api: Any = None) -> int:
+    cfg = parse(ControllerConfig, "EVOLUTION", argv, prog="python -m trainer.controller",
+                description="Run one self-evolution round as Kubernetes Jobs (resumes a crashed round).")
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = open_store(cfg.store_url or os.environ.get("RSTAR_STORE_URL") or None)
+    if cfg.metrics_port:
+        metrics.start_metrics_server(cfg.metrics_port)
+    last = last_success_time(store)
+    if last is not None:
+        metrics.EVOLUTION_LAST_SUCCESS.set(last)
+    state, why = choose_round(store, cfg, time.time())
+    log.info("%s", why)
+    if state is None:
+        return 0
+    ctl = Controller(cfg, api if api is not None else kubernetes_batch_api(), store, own_namespace(cfg))
+    state = ctl.run(state)
+    if cfg.metrics_port and cfg.linger_seconds > 0:
+        time.sleep(cfg.linger_seconds)  # let Prometheus scrape the final values
+    return 0 if state["status"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
