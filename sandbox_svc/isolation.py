@@ -1,0 +1,285 @@
+"""Isolation layers applied inside a sandbox worker before it runs untrusted code.
+
+Each layer is a function that either succeeds or raises `LayerUnavailable`;
+`apply_layers` applies a chosen set in a fixed order (namespaces, privileges,
+Landlock, seccomp last because it forbids the syscalls the others need).
+Everything here runs in a freshly forked child of the fork server; nothing is
+ever applied to the service process itself. Pure stdlib (ctypes) except
+seccomp, which uses PyPI `pyseccomp` over the system's libseccomp.so.2.
+
+Layers:
+- `rlimits`: address space, CPU seconds, file size, open files, processes, core dumps.
+- `seccomp`: a syscall filter (default allow, deny list with EPERM): no sockets,
+  no fork/exec, no signals to other processes, no ptrace, mount, namespace,
+  module, keyring, bpf, rlimit-raising or uid-changing calls.
+- `landlock`: filesystem allow-list (read-only: the interpreter's library
+  directories; read-write: the scratch directory; nothing else), plus, where
+  the kernel's Landlock ABI has them, no TCP bind/connect (ABI 4) and no
+  signals or abstract unix sockets outside the sandbox (ABI 6).
+- `namespaces`: new network (no interfaces but a down loopback), IPC and UTS
+  namespaces (a user namespace first when not root).
+- `unprivileged`: drop to uid/gid 65534 when root and the interpreter stays
+  readable, else drop every capability.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import sys
+import sysconfig
+
+LAYERS = ("rlimits", "namespaces", "unprivileged", "landlock", "seccomp")
+
+NOBODY = 65534
+
+
+class LayerUnavailable(Exception):
+    """The kernel, the container or the installed packages do not allow this layer."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise LayerUnavailable(f"{what}: {os.strerror(err)} (errno {err})")
+    return ret
+
+
+# ---------------------------------------------------------------- rlimits
+def apply_rlimits(memory_bytes: int, cpu_seconds: int, file_bytes: int, baseline_as: int) -> None:
+    """Per-execution limits. The address-space limit is the worker's current size plus `memory_bytes`.
+
+    Pre-imported numpy/sympy already occupy ~100+ MB of address space; the
+    limit counts what the program adds on top of that.
+    """
+    def lim(res: int, soft: int, hard: int | None = None) -> None:
+        resource.setrlimit(res, (soft, soft if hard is None else hard))
+
+    lim(resource.RLIMIT_AS, baseline_as + memory_bytes)
+    lim(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
+    lim(resource.RLIMIT_FSIZE, file_bytes)
+    lim(resource.RLIMIT_CORE, 0)
+    lim(resource.RLIMIT_NOFILE, 64)
+    # binds only non-root users; seccomp forbids fork for everyone
+    lim(resource.RLIMIT_NPROC, 0)
+
+
+def current_address_space() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------- namespaces
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+CLONE_THREAD = 0x00010000
+
+
+def apply_namespaces() -> None:
+    flags = CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if os.geteuid() != 0:
+        flags |= CLONE_NEWUSER
+    _check(_libc.unshare(flags), "unshare(NEWNET|NEWIPC|NEWUTS)")
+
+
+# ---------------------------------------------------------------- privileges
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def readable_by(uid: int, gid: int, paths: list[str]) -> bool:
+    """Whether every directory on the way to each path is traversable and the path readable by uid/gid."""
+    import stat
+
+    for path in paths:
+        parts = os.path.abspath(path).split(os.sep)
+        for i in range(1, len(parts) + 1):
+            p = os.sep.join(parts[:i]) or os.sep
+            try:
+                st = os.stat(p)
+            except OSError:
+                return False
+            need = stat.S_IXOTH if i < len(parts) else stat.S_IROTH
+            if st.st_uid == uid:
+                need <<= 6
+            elif st.st_gid == gid:
+                need <<= 3
+            if not st.st_mode & need:
+                return False
+    return True
+
+
+def apply_unprivileged(scratch: str, can_switch_uid: bool) -> str:
+    """Become uid 65534 (root with a readable interpreter) or drop all capabilities. Returns the mode."""
+    if os.geteuid() == 0 and can_switch_uid:
+        os.chown(scratch, NOBODY, NOBODY)
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        return "uid"
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    return "caps" if os.geteuid() == 0 else "uid"
+
+
+# ---------------------------------------------------------------- landlock
+_SYS_LANDLOCK_CREATE_RULESET = 444  # same number on every architecture
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_ALL_V1 = (1 << 13) - 1
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_FS_READ = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+_FILE_ONLY = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when unavailable (old kernel, LSM off, syscall filtered)."""
+    ret = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    return max(int(ret), 0)
+
+
+def read_only_paths() -> list[str]:
+    """What untrusted code may read: the interpreter's stdlib and site-packages, shared libraries."""
+    paths = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages", "lib-dynload"))}
+    paths |= {"/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/local/lib"}
+    paths.discard(None)
+    # exec_prefix/lib/python3.x holds compiled extension modules for some builds
+    return sorted(p for p in paths if p and os.path.isdir(p))
+
+
+def apply_landlock(scratch: str, readable: list[str]) -> int:
+    abi = landlock_abi()
+    if abi < 1:
+        raise LayerUnavailable("Landlock not supported by this kernel or blocked by the container")
+    fs = _FS_ALL_V1 | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0) | \
+        (_FS_IOCTL_DEV if abi >= 5 else 0)
+    attr = _RulesetAttr(fs, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0)
+    size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
+    rfd = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
+                               ctypes.c_uint32(0)), "landlock_create_ruleset")
+    try:
+        rules = [(p, _FS_READ) for p in readable] + [(scratch, fs), ("/dev/null", _FS_READ_FILE | _FS_WRITE_FILE)]
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if not os.path.isdir(path):
+                    access &= _FILE_ONLY & fs
+                rule = _PathBeneathAttr(access & fs, fd)
+                _check(_libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(rfd), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                                     ctypes.byref(rule), ctypes.c_uint32(0)), f"landlock_add_rule({path})")
+            finally:
+                os.close(fd)
+        _set_no_new_privs()
+        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(rfd), ctypes.c_uint32(0)),
+               "landlock_restrict_self")
+    finally:
+        os.close(rfd)
+    return abi
+
+
+def _set_no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+
+
+def set_child_subreaper() -> None:
+    _libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Die with `sig` when the parent exits (so nothing outlives the service)."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+# ---------------------------------------------------------------- seccomp
+DENIED_SYSCALLS = (
+    # network
+    "socket", "socketpair",
+    # processes
+    "fork", "vfork", "execve", "execveat",
+    # other processes' memory and handles
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+    "kcmp",
+    # privilege, namespaces, mounts
+    "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "setfsuid",
+    "setfsgid", "capset", "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount",
+    "open_tree", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
+    "name_to_handle_at", "open_by_handle_at",
+    # kernel surface
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "keyctl", "add_key", "request_key", "init_module", "finit_module", "delete_module", "kexec_load",
+    "kexec_file_load", "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog", "iopl", "ioperm",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
+    "mknod", "mknodat", "fanotify_init", "move_pages", "migrate_pages", "personality",
+    # limits can only go down
+    "setrlimit",
+)
+
+
+def preload_seccomp() -> None:
+    """Load pyseccomp and libseccomp.so.2 in the parent, before any layer blocks finding it."""
+    try:
+        import pyseccomp  # noqa: F401
+    except Exception:  # noqa: BLE001 - reported by apply_seccomp in the probe
+        pass
+
+
+def apply_seccomp() -> None:
+    try:
+        import pyseccomp as sc
+    except Exception as e:  # noqa: BLE001 - ImportError or a missing libseccomp.so.2 (OSError)
+        raise LayerUnavailable(f"pyseccomp/libseccomp unavailable: {e}") from e
+    try:
+        deny = sc.ERRNO(errno.EPERM)
+        f = sc.SyscallFilter(sc.ALLOW)
+        for name in DENIED_SYSCALLS:
+            try:
+                f.add_rule(deny, name)
+            except (ValueError, OSError, RuntimeError):
+                pass  # not a syscall on this architecture
+        # threads only: glibc's fork() is clone(SIGCHLD); clone3 -> ENOSYS makes glibc fall back to clone
+        f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        me = os.getpid()
+        for name in ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            f.add_rule(deny, name, sc.Arg(0, sc.NE, me))
+        f.add_rule(deny, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading limits is fine, setting is not
+        f.load()  # sets NO_NEW_PRIVS itself
+    except LayerUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - libseccomp reports failures as OSError/RuntimeError
+        raise LayerUnavailable(f"seccomp filter: {e}") from e
