@@ -1,0 +1,64 @@
+"""Configuration of the search service (env prefix SEARCH: `RSTAR_SEARCH_<FIELD>`).
+
+Laptop defaults: a small budget (8 rollouts, k=4) that finishes in minutes on
+2 CPU cores with the 135M default model. The paper's settings are far larger
+(k=8 in the paper, 12/32 in the authors' code; 8-128 rollouts), see docs/search.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rstar.config import ConfigError, field
+
+
+@dataclass
+class SearchConfig:
+    # --- serving ---
+    host: str = field("127.0.0.1", "address to bind the gRPC server to")
+    port: int = field(50054, "gRPC port (0 picks a free one)")
+    metrics_port: int = field(9104, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    log_level: str = field("INFO", "logging level")
+    max_workers: int = field(32, "gRPC handler threads")
+    # --- downstream services ---
+    policy_address: str = field("127.0.0.1:50051", "PolicyService host:port")
+    ppm_address: str = field("127.0.0.1:50052", "PPMService host:port")
+    sandbox_address: str = field("127.0.0.1:50053", "SandboxService host:port")
+    call_timeout_s: float = field(300.0, "deadline of one downstream call (capped by the request's deadline)")
+    call_retries: int = field(4, "attempts per downstream call on UNAVAILABLE (exponential backoff)")
+    retry_backoff_s: float = field(0.2, "first retry delay; doubles per attempt")
+    health_poll_s: float = field(2.0, "how often downstream Info is polled to set health")
+    # --- storage ---
+    store_url: str = field("", "object store for synthesis trees ('' = $RSTAR_HOME/store, file:// or s3://)")
+    # --- default budget (used when a request omits its budget) ---
+    rollouts: int = field(8, "MCTS rollouts per search (paper: 8-16 per round, 64-128 for hard problems)")
+    candidates: int = field(4, "k candidate steps per expansion (paper: 8; authors' code: 12 synthesis, 32 test)")
+    max_depth: int = field(16, "maximum steps in a trajectory (spec: 16)")
+    exploration: float = field(2.0, "UCT constant c (spec: 2)")
+    temperature: float = field(0.7, "policy sampling temperature")
+    top_p: float = field(0.95, "policy nucleus sampling")
+    max_step_tokens: int = field(256, "token limit of one generated step (a step cut there is failed)")
+    execution_wall_s: float = field(0.0, "wall-time limit of one step program (0 = sandbox default)")
+    # --- limits (RESOURCE_EXHAUSTED beyond them) ---
+    max_rollouts: int = field(512, "largest rollouts a request may ask for")
+    max_candidates: int = field(64, "largest k a request may ask for")
+    max_trajectories: int = field(128, "largest number of independent searches in one Solve")
+    max_synthesis_problems: int = field(10000, "largest problem list of one Synthesize")
+    max_active_trees: int = field(32, "trees advanced together in one engine loop (synthesis batch size)")
+    max_concurrent_searches: int = field(4, "requests searching at once")
+    max_queued_searches: int = field(16, "requests waiting for a slot before RESOURCE_EXHAUSTED")
+    max_problem_chars: int = field(16384, "longest problem text accepted (INVALID_ARGUMENT beyond)")
+
+    def validate(self) -> None:
+        positive = ("rollouts", "candidates", "max_depth", "max_step_tokens", "max_rollouts", "max_candidates",
+                    "max_trajectories", "max_synthesis_problems", "max_active_trees",
+                    "max_concurrent_searches", "max_problem_chars", "call_retries")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_searches < 0:
+            raise ConfigError("max_queued_searches must be >= 0")
+        if self.exploration < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("exploration and temperature must be >= 0, top_p in (0, 1]")
+        if self.call_timeout_s <= 0:
+            raise ConfigError("call_timeout_s must be > 0")

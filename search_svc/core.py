@@ -1,0 +1,230 @@
+"""The search service's logic without gRPC: requests -> trees -> engine -> results.
+
+`SearchCore.solve` runs N independent searches (trajectories, seeds derived from
+the request seed) in one engine run and selects the answer; `SearchCore.synthesize`
+runs a problem list with gold answers and writes the trees to the trajectory
+store. `Admission` bounds concurrent searches and the wait queue. Everything
+downstream (policy, PPM, sandbox, store) is injected.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from rstar import metrics
+from search_svc import selection, trajectories
+from search_svc.engine import CallScope, Engine, Limits, Progress, Stats
+from search_svc.mcts import (PPM_AUGMENTED, TERMINAL_GUIDED, SamplingParams, Tree, TreeSettings, derive_seed)
+
+
+class Busy(Exception):
+    """Too many searches running and waiting (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class SearchOptions:
+    """One request's resolved settings (defaults already applied, validated by the servicer)."""
+
+    rollouts: int = 8
+    k: int = 4
+    max_depth: int = 16
+    max_tokens: int = 0
+    max_wall_seconds: float = 0.0
+    trajectories: int = 1
+    seed: int = 0
+    strategy: str = selection.TOP_PPM
+    exploration: float = 2.0
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_step_tokens: int = 256
+    annotation: str = PPM_AUGMENTED
+    max_active_trees: int = 32
+
+    def tree_settings(self) -> TreeSettings:
+        return TreeSettings(rollouts=self.rollouts, k=self.k, max_depth=self.max_depth, c=self.exploration,
+                            annotation=self.annotation)
+
+    def limits(self) -> Limits:
+        return Limits(max_tokens=self.max_tokens, max_wall_seconds=self.max_wall_seconds,
+                      max_active_trees=self.max_active_trees)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_step_tokens)
+
+
+@dataclass
+class SolveOutcome:
+    selection: selection.Selection
+    stats: Stats
+    trees: list[Tree]
+
+
+@dataclass
+class SynthesisProblem:
+    id: str
+    problem: str
+    answer: str
+
+
+@dataclass
+class SynthesisOutcome:
+    stats: Stats
+    trees: list[Tree]
+    solved: int
+    shard_key: str = ""
+    tree_dicts: list[dict] = field(default_factory=list)
+
+
+class Admission:
+    """At most `slots` searches run; at most `queue` wait; more get `Busy` at once."""
+
+    def __init__(self, slots: int, queue: int):
+        self.slots, self.queue_limit = slots, queue
+        self._cond = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+        metrics.SEARCH_QUEUE_LIMIT.set(slots + queue)
+
+    def acquire(self, scope: CallScope) -> None:
+        with self._cond:
+            if self.running < self.slots:
+                self.running += 1
+                self._publish()
+                return
+            if self.waiting >= self.queue_limit:
+                raise Busy(f"search queue full: {self.running} running, {self.waiting} waiting")
+            self.waiting += 1
+            self._publish()
+            unregister = scope.on_stop(self._wake)
+            try:
+                while self.running >= self.slots:
+                    scope.check()
+                    self._cond.wait(timeout=0.5)
+                scope.check()
+                self.running += 1
+            finally:
+                unregister()
+                self.waiting -= 1
+                self._publish()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self.running -= 1
+            self._publish()
+            self._cond.notify_all()
+
+    def _publish(self) -> None:
+        metrics.SEARCH_ACTIVE.set(self.running)
+        metrics.SEARCH_QUEUE_DEPTH.set(self.waiting)
+
+
+def _export_stats(stats: Stats, mode: str) -> None:
+    metrics.SEARCH_ROLLOUTS.labels(mode).inc(stats.rollouts)
+    metrics.SEARCH_TOKENS.labels(mode).inc(stats.generated_tokens)
+    metrics.SEARCH_EXECUTIONS.labels(mode).inc(stats.executions)
+    for stage, secs in (("generate", stats.generate_seconds), ("ppm", stats.ppm_seconds),
+                        ("sandbox", stats.sandbox_seconds), ("other", stats.other_seconds)):
+        metrics.SEARCH_STAGE_SECONDS.labels(stage).inc(secs)
+
+
+class SearchCore:
+    def __init__(self, policy, executor, scorer=None, store=None, admission: Admission | None = None):
+        self.policy = policy
+        self.executor = executor
+        self.scorer = scorer
+        self.store = store
+        self.admission = admission or Admission(slots=4, queue=16)
+
+    def _engine(self, opts: SearchOptions) -> Engine:
+        return Engine(self.policy, self.executor, self.scorer, sampling=opts.sampling())
+
+    def _admitted(self, scope: CallScope, fn: Callable):
+        self.admission.acquire(scope)
+        try:
+            return fn()
+        finally:
+            self.admission.release()
+
+    # --- inference ---
+
+    def solve(self, problem: str, opts: SearchOptions, scope: CallScope | None = None,
+              on_progress: Callable[[Progress, Sequence[Tree]], None] | None = None) -> SolveOutcome:
+        """N independent PPM-guided searches (N = opts.trajectories), then answer selection."""
+        scope = scope or CallScope()
+        settings = TreeSettings(rollouts=opts.rollouts, k=opts.k, max_depth=opts.max_depth, c=opts.exploration,
+                                annotation=PPM_AUGMENTED)
+        trees = [Tree(problem, settings, seed=derive_seed(opts.seed, "trajectory", i), tag=i)
+                 for i in range(opts.trajectories)]
+        progress = (lambda p: on_progress(p, trees)) if on_progress else None
+
+        def run() -> SolveOutcome:
+            stats = self._engine(opts).run(trees, opts.limits(), scope, progress)
+            for t in trees:
+                metrics.SEARCH_TREE_NODES.observe(len(t.nodes) - 1)
+            _export_stats(stats, "solve")
+            return SolveOutcome(selection=selection.select(trees, opts.strategy), stats=stats, trees=trees)
+
+        return self._admitted(scope, run)
+
+    # --- synthesis ---
+
+    def synthesize(self, problems: Sequence[SynthesisProblem], opts: SearchOptions, round_no: int = 0,
+                   shard: str = "", store_trees: bool = True, scope: CallScope | None = None,
+                   on_progress: Callable[[Progress], None] | None = None,
+                   on_tree: Callable[[Tree, dict], None] | None = None) -> SynthesisOutcome:
+        """Search every problem with its gold answer; trees go to the store as one shard."""
+        scope = scope or CallScope()
+        if opts.annotation not in (TERMINAL_GUIDED, PPM_AUGMENTED):
+            raise ValueError(f"unknown annotation mode {opts.annotation!r}")
+        settings = opts.tree_settings()
+        trees = [Tree(p.problem, settings, seed=derive_seed(opts.seed, "problem", i, p.id), gold=p.answer,
+                      problem_id=p.id or str(i), tag=i) for i, p in enumerate(problems)]
+        stats = Stats()
+        dicts: dict[int, dict] = {}
+
+        def tree_dict(t: Tree) -> dict:
+            return trajectories.tree_to_dict(t, stats.model_versions, {"round": round_no})
+
+        def finish(t: Tree) -> None:
+            d = tree_dict(t)
+            dicts[t.tag] = d
+            metrics.SEARCH_PROBLEMS.labels("true" if d["solved"] else "false").inc()
+            metrics.SEARCH_TREE_NODES.observe(len(t.nodes) - 1)
+            if on_tree:
+                on_tree(t, d)
+
+        def progress(p: Progress) -> None:
+            for t in p.finished:
+                finish(t)
+            if on_progress:
+                on_progress(p)
+
+        def run() -> SynthesisOutcome:
+            self._engine(opts).run(trees, opts.limits(), scope, progress, stats=stats)
+            _export_stats(stats, "synthesis")
+            for t in trees:   # stopped by a limit: report the partial trees too
+                if t.tag not in dicts:
+                    finish(t)
+            ordered = [dicts[t.tag] for t in trees]
+            solved = sum(1 for d in ordered if d["solved"])
+            out = SynthesisOutcome(stats=stats, trees=trees, solved=solved, tree_dicts=ordered)
+            if store_trees:
+                if self.store is None:
+                    raise RuntimeError("no trajectory store configured")
+                name = shard or f"s{opts.seed:x}-{time.strftime('%Y%m%dT%H%M%S')}-{int(time.time() * 1e6) % 10**6:06d}"
+                meta = {"model_versions": stats.model_versions, "problems": len(trees), "solved": solved,
+                        "settings": json.loads(json.dumps(ordered[0]["settings"])) if ordered else {},
+                        "seed": opts.seed, "stop_reason": stats.stop_reason}
+                info = trajectories.write_shard(self.store, round_no, name, ordered, meta)
+                out.shard_key = info.key
+            return out
+
+        return self._admitted(scope, run)

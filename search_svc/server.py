@@ -1,0 +1,148 @@
+"""`python -m search_svc`: the SearchService process.
+
+Health is SERVING only while the policy, PPM and sandbox services all answer
+Info with ready=true (`DownstreamMonitor` keeps polling and flips back to
+NOT_SERVING when one goes away).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from rstar import metrics
+from rstar.config import parse
+from rstar.server import ServerHandle, create_grpc_server, serve, setup_logging
+from rstar.v1 import search_pb2, search_pb2_grpc
+from search_svc.clients import PolicyClient, PPMClient, SandboxClient, wait_ready
+from search_svc.config import SearchConfig
+from search_svc.core import Admission, SearchCore
+from search_svc.servicer import SearchServicer
+
+log = logging.getLogger("search_svc")
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+
+
+class DownstreamMonitor:
+    """Polls the three services' Info; sets our health and remembers their model versions."""
+
+    def __init__(self, clients, handle: ServerHandle, interval: float):
+        self.clients = clients
+        self.handle = handle
+        self.interval = interval
+        self.ready = False
+        self.versions: dict[str, str] = {}
+        self.ready_event = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._why = None
+
+    def poll_once(self) -> bool:
+        ready, versions, why = wait_ready(self.clients, timeout=max(1.0, self.interval))
+        if versions:
+            self.versions = versions
+        if ready != self.ready:
+            self.handle.set_serving(ready)
+            self.ready = ready
+        if ready:
+            self.ready_event.set()
+        if why != self._why:
+            if why:
+                log.info("waiting for downstream services: %s", why)
+            else:
+                log.info("downstream services ready: %s", self.versions)
+            self._why = why
+        return ready
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the poller must survive anything
+                log.exception("downstream health poll failed")
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="search-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def info(self) -> tuple[bool, dict[str, str]]:
+        return self.ready, dict(self.versions)
+
+
+def create_server(config: SearchConfig, policy=None, scorer=None, executor=None, store=None
+                  ) -> tuple[ServerHandle, SearchServicer]:
+    """Build the server (not started). Downstream clients come from the config unless given.
+
+    The returned servicer carries `.monitor` (start it after the server) and `.close()`.
+    """
+    config.validate()
+    clients = []
+    if policy is None:
+        policy = PolicyClient(config.policy_address, config.call_timeout_s, config.call_retries,
+                              config.retry_backoff_s)
+        clients.append(policy)
+    if scorer is None:
+        scorer = PPMClient(config.ppm_address, config.call_timeout_s, config.call_retries, config.retry_backoff_s)
+        clients.append(scorer)
+    if executor is None:
+        executor = SandboxClient(config.sandbox_address, config.call_timeout_s, config.call_retries,
+                                 config.retry_backoff_s, wall_seconds=config.execution_wall_s)
+        clients.append(executor)
+    if store is None:
+        from rstar.store import open_store
+
+        store = open_store(config.store_url or None)
+    core = SearchCore(policy, executor, scorer, store,
+                      Admission(config.max_concurrent_searches, config.max_queued_searches))
+    servicer = SearchServicer(config, core)
+
+    def register(server):
+        search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers)
+    monitor = DownstreamMonitor([c for c in (policy, scorer, executor) if hasattr(c, "info")], handle,
+                                config.health_poll_s)
+    servicer.info = monitor.info
+    servicer.monitor = monitor
+
+    def close():
+        monitor.stop()
+        for c in clients:
+            c.close()
+
+    servicer.close = close
+    return handle, servicer
+
+
+def main(argv=None) -> int:
+    config = parse(SearchConfig, "SEARCH", argv, prog="python -m search_svc",
+                   description="SearchService: MCTS over the policy, PPM and sandbox services")
+    setup_logging(config.log_level)
+    if config.metrics_port >= 0:
+        metrics.start_metrics_server(config.metrics_port)
+    handle, servicer = create_server(config)
+    log.info("search: policy=%s ppm=%s sandbox=%s, default budget %d rollouts x k=%d, depth %d",
+             config.policy_address, config.ppm_address, config.sandbox_address, config.rollouts,
+             config.candidates, config.max_depth)
+
+    def load():
+        # "loaded" = every downstream service answers ready; the monitor keeps watching afterwards
+        servicer.monitor.start()
+        while not servicer.monitor.ready_event.wait(0.5):
+            pass
+
+    serve(handle, load=load, on_stop=servicer.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
