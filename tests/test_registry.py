@@ -467,3 +467,17 @@ def test_cli_add_parser_plugs_into_a_parent_cli(tmp_path):
     cli_models.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["models", "list", "--store", str(tmp_path)])
     assert args.func(args) == 0
+
+
+def test_delete_version_refuses_current_and_removes_manifest_first(registry, tmp_path):
+    registry.publish("policy", make_model(tmp_path / "a", "a"), "a")
+    registry.publish("policy", make_model(tmp_path / "b", "b"), "b")
+    registry.promote("policy", "a")
+    with pytest.raises(RegistryError, match="CURRENT"):
+        registry.delete_version("policy", "a")
+    deleted: list[str] = []
+    real = registry.store.delete
+    registry.store.delete = lambda k: (deleted.append(k), real(k))[1]  # type: ignore[method-assign]
+    assert registry.delete_version("policy", "b") == 5
+    assert deleted[0] == "models/policy/b/manifest.json"
+    assert [i.version for i in registry.versions("policy")] == ["a"]
