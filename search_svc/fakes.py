@@ -45,11 +45,14 @@ class ScriptedPolicy(CountingMixin):
 
     Keys are the stripped generated steps so far (output steps excluded). Sampling
     with temperature > 0 draws from the weights with the item's seed; temperature 0
-    returns the highest-weight option n times (greedy decoding).
+    returns the highest-weight option n times (greedy decoding). With `ordered=True`
+    candidate j is option j (cycling), which makes hand-computed trees easy.
     """
 
-    def __init__(self, script: dict[tuple[str, ...], list[tuple[str, float]]], version: str = "scripted-1"):
+    def __init__(self, script: dict[tuple[str, ...], list[tuple[str, float]]], version: str = "scripted-1",
+                 ordered: bool = False):
         self.script = {tuple(s.strip() for s in k): v for k, v in script.items()}
+        self.ordered = ordered
         self.version = version
         self.calls = 0
         self.items = 0
@@ -71,10 +74,13 @@ class ScriptedPolicy(CountingMixin):
                     continue
                 if params.temperature <= 0:
                     text = max(opts, key=lambda o: o[1])[0]
+                elif self.ordered:
+                    text = opts[j % len(opts)][0]
                 else:
                     rng = random.Random(derive_seed(item.seed, j))
                     text = rng.choices([o[0] for o in opts], weights=[o[1] for o in opts])[0]
-                cands.append(Candidate(text, "stop", _tokens(text)))
+                finish = "length" if text.endswith("...") else "stop"   # "..." marks a cut-off step
+                cands.append(Candidate(text, finish, _tokens(text)))
             out.append(cands)
         return Versioned(out, self.version, [100] * len(items))
 

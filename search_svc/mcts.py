@@ -246,15 +246,15 @@ def expand_leaf(leaf: Node, candidates: Sequence[Candidate], settings: TreeSetti
                      ends_code=parsed.ends_code)
         if cand.finish_reason == "length":
             child.failure = "length"
-        elif not key:
-            child.failure = "empty"
         elif parsed.is_answer:
             child.answer = parsed.answer or ""
+        elif not cand.text.strip() or not (parsed.code.strip() or parsed.ends_code):
+            child.failure = "empty"        # nothing but markers
         elif not parsed.complete:
             child.failure = "incomplete"   # ended without a stop string and without an answer
         elif child.depth >= settings.max_depth:
             child.failure = "depth"        # cannot reach an answer within the depth limit
-        elif parsed.code.strip():
+        else:
             child.program = stepfmt.assemble_program(parent_steps, text)
         if child.failure:
             child.terminal = True
