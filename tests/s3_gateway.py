@@ -152,6 +152,15 @@ class JuiceFSGateway:
         self.stop(signal.SIGTERM)
 
 
+def mount_tmpfs(path: Path, size: str = "1m") -> bool:
+    """Mount a small tmpfs (for real ENOSPC in full-disk tests); False where not permitted."""
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def gateway_unavailable_reason() -> str | None:
     """Why no gateway can run here, or None if one can (checked once by actually running it)."""
     binary = juicefs_binary()

@@ -21,7 +21,7 @@ from rstar import store as store_mod
 from rstar.registry import (CACHE_MARKER, IncompleteVersion, IntegrityError, ModelRegistry, RegistryError,
                             VersionNotFound, register_base_version, sha256_file)
 from rstar.store import LocalStore, StoreFull, StoreUnavailable
-from s3_gateway import private_s3_gateway, s3_gateway  # noqa: F401  (pytest fixtures)
+from s3_gateway import mount_tmpfs, private_s3_gateway, s3_gateway  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,9 +255,7 @@ def test_concurrent_promotions_last_writer_wins_never_torn(registry, tmp_path):
     assert seen <= set(versions)
     final = registry.current("policy")
     assert final in versions[1:]
-    last = registry.history("policy")[-1]
     assert len(registry.history("policy")) == 1 + 3 * 5  # every promotion recorded, none overwritten
-    del last
     assert registry.rollback("policy", deep=False)["version"] in versions and registry.current("policy") != final
 
 
@@ -364,14 +362,15 @@ def test_full_cache_disk_never_leaves_a_loadable_model(registry, tmp_path, monke
     registry.publish("policy", make_model(tmp_path / "a", "a", weights=2 << 20), "a")
     small = tmp_path / "small"
     small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                             capture_output=True).returncode == 0
+    mounted = mount_tmpfs(small)
     try:
         reg = ModelRegistry(registry.store, cache_dir=small)
+        import shutil as shutil_mod
+        if not mounted:
+            monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: shutil_mod._ntuple_diskusage(1 << 20, 0, 1 << 20))
         with pytest.raises(StoreFull, match="MB"):  # refused up front: not enough free space
             reg.fetch("policy", "a")
         # the space check passes but the disk fills while writing (another writer took the space)
-        import shutil as shutil_mod
         monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: shutil_mod._ntuple_diskusage(1 << 40, 0, 1 << 40))
         if not mounted:
             real_open = open

@@ -15,7 +15,7 @@ import pytest
 from rstar import store as store_mod
 from rstar.store import (LocalStore, NotFound, ObjectStore, S3Config, S3Store, StoreError, StoreFull,
                          StoreUnavailable, copy_object, open_store)
-from s3_gateway import private_s3_gateway, s3_gateway  # noqa: F401  (pytest fixtures)
+from s3_gateway import mount_tmpfs, private_s3_gateway, s3_gateway  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -270,21 +270,17 @@ def test_local_put_leaves_nothing_when_the_disk_fills(tmp_path, monkeypatch):
     """Real ENOSPC on a 1 MiB tmpfs when we may mount one; otherwise a simulated one."""
     root = tmp_path / "small"
     root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)],
-                             capture_output=True).returncode == 0
+    mounted = mount_tmpfs(root)
     try:
-        if not mounted:
-            real_copy = store_mod._copy_stream
-
-            def full(src, dst, on_chunk=None):
-                raise OSError(28, "No space left on device")
-
-            monkeypatch.setattr(store_mod, "_copy_stream", full)
-            del real_copy
         s = LocalStore(root)
         s.put("small", b"ok")
         big = tmp_path / "big.bin"
         big.write_bytes(os.urandom(2 << 20))
+        if not mounted:  # simulate: the kernel reports ENOSPC when the data is flushed
+            def full(fd):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(store_mod.os, "fsync", full)
         with pytest.raises(StoreFull, match="no space"):
             s.put_file("big", big)
         with pytest.raises(StoreFull):
