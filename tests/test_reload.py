@@ -253,6 +253,6 @@ def test_hot_reload_under_load(backend, two_copies, tmp_path, request):
     assert failures == []
     for seq in per_client:
         assert _switches(seq) == ["v1", "v2"], _switches(seq)  # exactly one switch, never back
-        assert seq.count("v1") > 5 and seq.count("v2") > 5
+        assert seq.count("v1") > 2 and seq.count("v2") > 2
     assert slot.version == "v2" and reloads(svc, "failed") == failed_before + 1
     assert reloads(svc, "ok") >= 2
