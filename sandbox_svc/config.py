@@ -42,6 +42,8 @@ class SandboxConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.max_queue < 0:
             raise ConfigError("max_queue must be >= 0")
+        if self.max_programs > self.max_concurrent + self.max_queue:
+            raise ConfigError("max_programs must not exceed max_concurrent + max_queue (a batch must fit when idle)")
         if not 0 < self.wall_seconds <= self.max_wall_seconds:
             raise ConfigError("wall_seconds must be in (0, max_wall_seconds]")
         if self.memory_bytes > self.max_memory_bytes or self.output_bytes > self.max_output_bytes:
