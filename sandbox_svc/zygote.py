@@ -49,6 +49,8 @@ EXIT_SETUP_FAILED = 248   # the worker could not enter its isolation layers
 SAFE_ENV = {"LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 _HEADER = struct.Struct(">I")
+namespaces_ok = False  # the fork server entered its namespaces (workers inherit them)
+namespaces_error = "disabled by configuration"
 _READ_CHUNK = 65536
 
 
@@ -158,7 +160,8 @@ def _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid) -> di
             if layer == "rlimits":
                 resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
             elif layer == "namespaces":
-                isolation.apply_namespaces()
+                if not namespaces_ok:
+                    raise isolation.LayerUnavailable(namespaces_error)
             elif layer == "unprivileged":
                 info["unprivileged_mode"] = isolation.apply_unprivileged(scratch, can_switch_uid)
             elif layer == "landlock":
@@ -634,6 +637,13 @@ def main() -> None:
     isolation.set_child_subreaper()  # orphans of a worker come back to us and get reaped
     sock = socket.socket(fileno=fd)
     loaded = preload()
+    global namespaces_ok, namespaces_error
+    if "namespaces" in cfg["layers"]:
+        try:
+            isolation.apply_namespaces()
+            namespaces_ok = True
+        except isolation.LayerUnavailable as e:
+            namespaces_error = str(e)
     isolation.preload_seccomp()  # libseccomp is found via ldconfig: impossible once a worker is isolated
     zygote = Zygote(sock, cfg)
     try:

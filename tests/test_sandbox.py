@@ -364,3 +364,9 @@ def test_readable_paths_exclude_the_service():
         assert not (str(REPO) + os.sep).startswith(p.rstrip(os.sep) + os.sep), p  # no ancestor of the repo
         assert not p.startswith(str(REPO) + os.sep) or p.startswith(str(REPO / ".venv")), p
     assert "socket" in DENIED_SYSCALLS and "execve" in DENIED_SYSCALLS
+
+
+def test_no_sysv_ipc_objects_that_outlive_a_run(sandbox):
+    need(sandbox, "seccomp")
+    code = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.shmget(4242, 4096, 0o1666))"
+    assert run(sandbox, code).stdout == "-1\n"
