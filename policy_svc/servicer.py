@@ -51,7 +51,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             max_tokens=int(sp.max_tokens) or cfg.default_max_tokens,
             stop=tuple(sp.stop) or steps.STOP_STRINGS,
         )
-        timeout = context.time_remaining()
+        timeout = context.time_remaining()  # None or huge without a client deadline
+        if timeout is not None and timeout > 1e6:
+            timeout = None
         try:
             results, version = engine.generate(items, sampling, timeout=timeout)
         except TimeoutError:
