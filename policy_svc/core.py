@@ -99,7 +99,11 @@ class PolicyEngine:
     def generate(self, items: list[Item], sampling: Sampling, timeout: float | None = None) -> tuple[list[ItemResult], str]:
         job = _Job(items, sampling)
         self._queue.put(job)
-        return job.future.result(timeout=timeout)
+        try:
+            return job.future.result(timeout=timeout)
+        except TimeoutError:
+            job.future.cancel()  # still queued: the batcher skips it and frees its slots
+            raise
 
     def _loop(self) -> None:
         while True:
