@@ -53,22 +53,15 @@ def _check(ret: int, what: str) -> int:
 
 
 # ---------------------------------------------------------------- rlimits
-def apply_rlimits(memory_bytes: int, cpu_seconds: int, file_bytes: int, baseline_as: int) -> None:
-    """Per-execution limits. The address-space limit is the worker's current size plus `memory_bytes`.
+def apply_job_rlimits(memory_bytes: int, cpu_seconds: int, file_bytes: int, baseline_as: int) -> None:
+    """Per-execution limits, set by the worker on itself (soft = hard, so they only go down).
 
-    Pre-imported numpy/sympy already occupy ~100+ MB of address space; the
-    limit counts what the program adds on top of that.
+    The address-space limit is the worker's size before the program plus
+    `memory_bytes`: the pre-imported numpy/sympy already map ~100+ MB.
     """
-    def lim(res: int, soft: int, hard: int | None = None) -> None:
-        resource.setrlimit(res, (soft, soft if hard is None else hard))
-
-    lim(resource.RLIMIT_AS, baseline_as + memory_bytes)
-    lim(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
-    lim(resource.RLIMIT_FSIZE, file_bytes)
-    lim(resource.RLIMIT_CORE, 0)
-    lim(resource.RLIMIT_NOFILE, 64)
-    # binds only non-root users; seccomp forbids fork for everyone
-    lim(resource.RLIMIT_NPROC, 0)
+    resource.setrlimit(resource.RLIMIT_AS, (baseline_as + memory_bytes,) * 2)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes,) * 2)
 
 
 def current_address_space() -> int:
@@ -116,8 +109,11 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def readable_by(uid: int, gid: int, paths: list[str]) -> bool:
-    """Whether every directory on the way to each path is traversable and the path readable by uid/gid."""
+def readable_by(uid: int, gid: int, paths: list[str], final_bit: str = "r") -> bool:
+    """Whether every directory on the way to each path is traversable and the path readable by uid/gid.
+
+    `final_bit="x"` asks only that the last component be traversable (a directory to enter).
+    """
     import stat
 
     for path in paths:
@@ -128,7 +124,7 @@ def readable_by(uid: int, gid: int, paths: list[str]) -> bool:
                 st = os.stat(p)
             except OSError:
                 return False
-            need = stat.S_IXOTH if i < len(parts) else stat.S_IROTH
+            need = stat.S_IXOTH if i < len(parts) or final_bit == "x" else stat.S_IROTH
             if st.st_uid == uid:
                 need <<= 6
             elif st.st_gid == gid:
@@ -183,6 +179,12 @@ def landlock_abi() -> int:
     ret = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
                         ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     return max(int(ret), 0)
+
+
+def interpreter_paths() -> list[str]:
+    """The directories an import may need: stdlib, extension modules, site-packages."""
+    paths = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return sorted(p for p in paths if p and os.path.isdir(p))
 
 
 def read_only_paths() -> list[str]:
@@ -263,9 +265,17 @@ DENIED_SYSCALLS = (
     "kexec_file_load", "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog", "iopl", "ioperm",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
     "mknod", "mknodat", "fanotify_init", "move_pages", "migrate_pages", "personality",
-    # limits can only go down
-    "setrlimit",
 )
+
+
+def forbid_raising_limits() -> None:
+    """A second filter (filters stack): no more setrlimit/prlimit64 writes. For workers that keep root."""
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(sc.ALLOW)
+    f.add_rule(sc.ERRNO(errno.EPERM), "setrlimit")
+    f.add_rule(sc.ERRNO(errno.EPERM), "prlimit64", sc.Arg(2, sc.NE, 0))
+    f.load()
 
 
 def preload_seccomp() -> None:
@@ -295,7 +305,7 @@ def apply_seccomp() -> None:
         me = os.getpid()
         for name in ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
             f.add_rule(deny, name, sc.Arg(0, sc.NE, me))
-        f.add_rule(deny, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading limits is fine, setting is not
+        f.add_rule(deny, "prlimit64", sc.Arg(0, sc.NE, 0))  # own limits only (glibc passes pid 0)
         f.load()  # sets NO_NEW_PRIVS itself
     except LayerUnavailable:
         raise

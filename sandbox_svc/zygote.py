@@ -49,6 +49,8 @@ EXIT_SETUP_FAILED = 248   # the worker could not enter its isolation layers
 SAFE_ENV = {"LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 _HEADER = struct.Struct(">I")
+_baseline_as = 0          # worker: address space before the program (the memory limit adds to it)
+_lock_limits = False      # worker: add a seccomp rule against setrlimit after applying the job's limits
 namespaces_ok = False  # the fork server entered its namespaces (workers inherit them)
 namespaces_error = "disabled by configuration"
 _READ_CHUNK = 65536
@@ -155,6 +157,8 @@ def _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid) -> di
         resource.setrlimit(lim, (soft, soft))
 
     active, errors, info = [], {}, {"probe": not strict}
+    global _baseline_as
+    _baseline_as = isolation.current_address_space()  # /proc is out of reach once Landlock is on
     for layer in layers:
         try:
             if layer == "rlimits":
@@ -174,6 +178,9 @@ def _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid) -> di
                 raise
             errors[layer] = str(e)
     info.update(layers=active, errors=errors)
+    global _lock_limits
+    # without the unprivileged layer a root worker could raise its own limits again
+    _lock_limits = "seccomp" in active and "unprivileged" not in active
     return info
 
 
@@ -202,6 +209,15 @@ def _run_job() -> None:
                                   line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
+    try:
+        wall = float(job["wall"])
+        isolation.apply_job_rlimits(int(job["memory"]), int(math.ceil(wall)) + 1, int(job["file_bytes"]),
+                                    _baseline_as)
+        if _lock_limits:
+            isolation.forbid_raising_limits()
+    except BaseException as e:  # noqa: BLE001
+        os.write(2, f"[sandbox] cannot apply limits: {e}\n".encode())
+        os._exit(EXIT_SETUP_FAILED)
     code = job["code"]
     del job
     rc = 0
@@ -272,8 +288,11 @@ class Zygote:
         self.base = tempfile.mkdtemp(prefix="rstar-sandbox-", dir=cfg.get("scratch_root") or None)
         os.chmod(self.base, 0o711)
         self.readable = isolation.read_only_paths()
-        self.can_switch_uid = isolation.readable_by(isolation.NOBODY, isolation.NOBODY,
-                                                    self.readable[:1] + [self.base])
+        # uid 65534 only if it can still import from the interpreter's directories
+        self.can_switch_uid = (
+            isolation.readable_by(isolation.NOBODY, isolation.NOBODY, isolation.interpreter_paths())
+            and isolation.readable_by(isolation.NOBODY, isolation.NOBODY, [self.base], final_bit="x")
+        )
         self.layers: list[str] = []
         self.sel = selectors.DefaultSelector()
         self.workers: dict[int, Worker] = {}  # by pid
@@ -398,18 +417,6 @@ class Zygote:
 
     def _start(self, w: Worker, job: dict) -> None:
         wall = float(job["wall"])
-        try:
-            with open(f"/proc/{w.pid}/statm") as f:
-                base_as = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            cpu = int(math.ceil(wall)) + 1
-            resource.prlimit(w.pid, resource.RLIMIT_AS, (base_as + int(job["memory"]),) * 2)
-            resource.prlimit(w.pid, resource.RLIMIT_CPU, (cpu, cpu + 1))
-            resource.prlimit(w.pid, resource.RLIMIT_FSIZE, (int(job["file_bytes"]),) * 2)
-        except (OSError, ValueError):
-            if "rlimits" in self.layers:  # the worker vanished or refuses limits: try another one
-                self.queue.appendleft(job)
-                _kill(w.pid)
-                return
         w.job = job
         w.cap = int(job["output"])
         w.started = time.monotonic()
@@ -420,7 +427,7 @@ class Zygote:
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ, (kind, w))
         try:
-            payload = json.dumps({"code": job["code"]}).encode()
+            payload = json.dumps({k: job[k] for k in ("code", "wall", "memory", "file_bytes")}).encode()
             # the worker is blocked reading this pipe, so a blocking write completes
             os.write(w.job_w, payload) if len(payload) < 65536 else _write_all(w.job_w, payload)
         except OSError:

@@ -270,12 +270,14 @@ def test_no_connection_outside(sandbox):
         assert r.failure == "error" and ("PermissionError" in r.stderr or "Operation not permitted" in r.stderr), r
 
 
-def test_network_namespace_has_no_interfaces(sandbox):
+def test_network_namespace_is_private_and_empty(sandbox):
     need(sandbox, "namespaces")
-    need(sandbox, "landlock")
-    # even without seccomp the namespace has nothing to reach: only a down loopback
-    r = run(sandbox, "import socket\nprint(socket.if_nameindex())")
-    assert "eth" not in r.stdout
+    zygote = sandbox.state.info["pid"]
+    assert os.readlink(f"/proc/{zygote}/ns/net") != os.readlink("/proc/self/ns/net")
+    interfaces = [line.split(":")[0].strip() for line in Path(f"/proc/{zygote}/net/dev").read_text().splitlines()[2:]]
+    assert interfaces == ["lo"]
+    for worker in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
+        assert os.readlink(f"/proc/{worker}/ns/net") == os.readlink(f"/proc/{zygote}/ns/net")
 
 
 # ---------------------------------------------------------------- filesystem and environment
@@ -370,3 +372,11 @@ def test_no_sysv_ipc_objects_that_outlive_a_run(sandbox):
     need(sandbox, "seccomp")
     code = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.shmget(4242, 4096, 0o1666))"
     assert run(sandbox, code).stdout == "-1\n"
+
+
+def test_cannot_raise_its_own_limits(sandbox):
+    r = run(sandbox, "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nprint('raised')")
+    assert r.failure == "error" and "raised" not in r.stdout, r
+    r = run(sandbox, "import resource\nsoft, hard = resource.getrlimit(resource.RLIMIT_CPU)\nprint(soft, hard)",
+            wall_seconds=2)
+    assert r.stdout == "3 4\n"  # ceil(wall) + 1, hard one above
