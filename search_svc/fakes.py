@@ -102,7 +102,7 @@ class WalkPolicy(CountingMixin):
         self.items = 0
         self._lock = threading.Lock()
 
-    def _one(self, item: GenerationItem, j: int) -> Candidate:
+    def _one(self, item: GenerationItem, j: int, max_tokens: int = 256) -> Candidate:
         rng = random.Random(derive_seed(item.seed, j, len(item.steps)))
         body = _body_steps(item.steps)
         if item.steps and stepfmt.OUTPUT_START in item.steps[-1]:
@@ -117,7 +117,7 @@ class WalkPolicy(CountingMixin):
             return Candidate(text, "stop", _tokens(text))
         if rng.random() < self.p_length:
             text = "\n# Step: an endless thought " + "and so on " * 8
-            return Candidate(text, "length", _tokens(text))
+            return Candidate(text, "length", max_tokens)   # cut at the token limit
         n = len(body)
         if n >= 1 and (n >= self.max_code_steps or rng.random() < 0.35):
             text = "\n# Now print the final answer\nprint(v)\n<end_of_code>"
@@ -131,7 +131,8 @@ class WalkPolicy(CountingMixin):
 
     def generate(self, items: Sequence[GenerationItem], params: SamplingParams, scope=None):
         self._count(len(items))
-        return Versioned([[self._one(item, j) for j in range(item.n)] for item in items], self.version,
+        return Versioned([[self._one(item, j, params.max_tokens) for j in range(item.n)] for item in items],
+                         self.version,
                          [_tokens(item.question) + 50 * len(item.steps) for item in items])
 
 
@@ -194,8 +195,9 @@ class SimulatedLatency:
 
     The default policy model follows vLLM on 2 CPU cores (environment.md: 34 tok/s
     for one sequence, ~283 tok/s for 32): a decode step costs `step_base +
-    step_per_seq * sequences` seconds and a call runs as many steps as its longest
-    candidate has tokens.
+    step_per_seq * running sequences` seconds; a call runs as many steps as its
+    longest candidate has tokens, and a finished sequence leaves the batch
+    (continuous batching), so a call costs `step_base * longest + step_per_seq * total tokens`.
     """
 
     def __init__(self, inner, kind: str, base: float = 0.0, per_item: float = 0.0,
@@ -215,9 +217,10 @@ class SimulatedLatency:
 
     def generate(self, items, params, scope=None):
         res = self.inner.generate(items, params, scope=scope)
-        seqs = sum(len(c) for c in res)
-        longest = max((c.num_tokens for cands in res for c in cands), default=0)
-        self._wait(self.base + self.per_item * len(items) + longest * (self.step_base + self.step_per_seq * seqs))
+        tokens = [c.num_tokens for cands in res for c in cands]
+        longest = max(tokens, default=0)
+        self._wait(self.base + self.per_item * len(items) + self.step_base * longest
+                   + self.step_per_seq * sum(tokens))
         return res
 
     def score(self, prefixes, scope=None):

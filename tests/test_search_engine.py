@@ -108,7 +108,7 @@ def test_same_seed_same_trees_other_seed_other_trees():
 def test_token_and_wall_limits_stop_the_run():
     trees = walk_trees(4, rollouts=50)
     stats = Engine(WalkPolicy(), InProcessExecutor(), sampling=SAMPLE).run(trees, Limits(max_tokens=300))
-    assert stats.stop_reason == "tokens" and 300 <= stats.generated_tokens < 300 + 4 * 3 * 60
+    assert stats.stop_reason == "tokens" and 300 <= stats.generated_tokens < 300 + 4 * 3 * 256
     assert all(t.finished for t in trees)
 
     slow = SimulatedLatency(WalkPolicy(), "policy", base=0.05, step_base=0, step_per_seq=0)
