@@ -46,7 +46,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys

@@ -107,8 +107,6 @@ def preload() -> list[str]:
         numpy.linalg.solve(numpy.eye(2), numpy.ones(2)), numpy.mean(numpy.arange(10))
     except Exception:  # noqa: BLE001
         pass
-    import traceback as _tb  # noqa: F401 - used by workers after Landlock
-
     return loaded
 
 
