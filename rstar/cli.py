@@ -25,6 +25,7 @@ from rstar.config import home_dir
 SERVICES = ("sandbox", "ppm", "policy", "search")  # start order: cheap ones first
 DEFAULT_PORTS = {"policy": 50051, "ppm": 50052, "sandbox": 50053, "search": 50054}
 DEFAULT_METRICS = {"policy": 9101, "ppm": 9102, "sandbox": 9103, "search": 9104}
+DEFAULT_ROLLOUTS = 8  # used when other budget flags are given without --rollouts
 SAMPLE_PROBLEM = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?"
@@ -267,9 +268,13 @@ def _solve_request(args):
 
     strategy = {"top-ppm": search_pb2.TOP_PPM, "majority": search_pb2.MAJORITY_VOTE,
                 "weighted": search_pb2.PPM_WEIGHTED_VOTE}[args.strategy]
-    budget = search_pb2.Budget(rollouts=args.rollouts, candidates_per_expansion=args.k, max_depth=args.max_depth,
-                               max_tokens=args.max_tokens, max_wall_seconds=args.max_seconds,
-                               trajectories=args.trajectories)
+    fields = dict(rollouts=args.rollouts or 0, candidates_per_expansion=args.k, max_depth=args.max_depth,
+                  max_tokens=args.max_tokens, max_wall_seconds=args.max_seconds, trajectories=args.trajectories)
+    budget = None
+    if any(fields.values()):  # no budget flag: the service's default budget
+        if not fields["rollouts"]:
+            fields["rollouts"] = DEFAULT_ROLLOUTS
+        budget = search_pb2.Budget(**fields)
     return search_pb2.SolveRequest(problem=args.problem, budget=budget, seed=args.seed, strategy=strategy,
                                    temperature=args.temperature)
 
@@ -407,7 +412,8 @@ def _add_address_args(p) -> None:
 
 
 def _add_solve_args(p) -> None:
-    p.add_argument("--rollouts", type=int, default=0, help="MCTS rollouts per search (0 = service default)")
+    p.add_argument("--rollouts", type=int, default=None,
+                   help=f"MCTS rollouts per search (default: the service's; {DEFAULT_ROLLOUTS} with other budget flags)")
     p.add_argument("-k", "--k", type=int, default=0, help="candidates per expansion (0 = service default)")
     p.add_argument("--max-depth", type=int, default=0, help="maximum steps (0 = 16)")
     p.add_argument("--max-tokens", type=int, default=0, help="generated-token budget (0 = unlimited)")
