@@ -67,6 +67,7 @@ class PolicyEngine:
                  enforce_eager: bool = True, max_batch_sequences: int = 256):
         self.few_shot = few_shot
         self.max_batch_sequences = max_batch_sequences
+        self.on_fatal = None  # called when the engine cannot serve any more (the service exits)
         self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                                  enforce_eager=enforce_eager)
@@ -131,6 +132,8 @@ class PolicyEngine:
                     j.future.set_result(r)
             except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
                 log.exception("generation failed")
+                if type(e).__name__ == "EngineDeadError" and self.on_fatal is not None:
+                    self.on_fatal(f"vLLM engine died: {e}")
                 for j in live:
                     if not j.future.done():
                         j.future.set_exception(e)

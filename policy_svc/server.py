@@ -47,6 +47,7 @@ def main(argv=None) -> int:
             kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
             dtype=config.dtype, enforce_eager=config.enforce_eager, max_batch_sequences=config.max_batch_sequences,
         )
+        servicer.engine.on_fatal = _fatal
         metrics.MODEL_INFO.labels("policy", "policy", version).set(1)
         source.watch(config.reload_interval, lambda d, v: _reload(servicer, d, v))
 
@@ -56,6 +57,15 @@ def main(argv=None) -> int:
 
     serve(handle, load=load, on_stop=stop)
     return 0
+
+
+def _fatal(reason: str) -> None:
+    """The engine is gone: shut down (health NOT_SERVING, drain) so a supervisor restarts us."""
+    import os
+    import signal
+
+    log.critical("%s; shutting down", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reload(servicer: PolicyServicer, model_dir, version: str) -> None:

@@ -105,8 +105,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def make_tiny_model(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised Llama with the default model's tokenizer (tests only)."""
+def make_tiny_model(out_dir: Path, tokenizer_dir: Path, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised Llama with the default model's tokenizer (tests only).
+
+    head_dim stays 64: vLLM's CPU attention kernels reject smaller heads.
+    """
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
@@ -117,7 +120,7 @@ def make_tiny_model(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layers
     base = AutoConfig.from_pretrained(tokenizer_dir)
     config = type(base)(
         vocab_size=base.vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=1,
         max_position_embeddings=base.max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, rope_theta=getattr(base, "rope_theta", 10000.0),
         torch_dtype="bfloat16",

@@ -102,11 +102,17 @@ def _key(strategy: str):
 
 
 def best_partial(tree: Tree) -> Trajectory:
-    """Without any answer: follow the highest-Q non-failed child from the root."""
+    """Without any answer: follow the highest-Q non-failed child from the root.
+
+    Where only failed children remain, the trajectory ends with the best of them, so the
+    caller sees the step that was tried and why it failed (its failure kind and output).
+    """
     node = tree.root
     while True:
         options = [c for c in node.children if not c.failure]
         if not options:
+            if node.children:
+                node = max(node.children, key=lambda c: c.ppm_score if c.ppm_score is not None else -2.0)
             break
         node = max(options, key=lambda c: (c.Q, c.ppm_score if c.ppm_score is not None else -2.0))
     return trajectory_of(node, tree.seed)

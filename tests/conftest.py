@@ -42,4 +42,4 @@ def tiny_model_dir(test_home, default_model_dir) -> Path:
     """A randomly initialised 2-layer Llama with the default tokenizer: vLLM loads it in seconds."""
     from rstar.models import make_tiny_model
 
-    return make_tiny_model(test_home / "cache" / "tiny-llama", default_model_dir)
+    return make_tiny_model(test_home / "cache" / "tiny-llama-h128", default_model_dir)

@@ -193,7 +193,10 @@ def test_no_answer_gives_the_best_partial_trajectory():
     Engine(ScriptedPolicy(script, ordered=True), InProcessExecutor(),
            HashScorer(table={first("x = 1"): 0.1, first("x = 2"): 0.5}), sampling=SAMPLE).run(trees)
     sel = selection.select(trees)
-    assert sel.answer == "" and sel.groups == [] and len(sel.trajectory.steps) == 1
+    assert sel.answer == "" and sel.groups == []
+    # the best non-failed path, ending with the failed step tried after it
+    assert len(sel.trajectory.steps) == 2 and sel.trajectory.steps[-1].failure
+    assert not sel.trajectory.steps[0].failure
 
 
 # --- core ---
