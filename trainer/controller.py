@@ -368,9 +368,10 @@ class Controller:
     """Drives one round to an end (succeeded or failed). `api` is a BatchV1Api (or a fake with the same calls)."""
 
     def __init__(self, cfg: ControllerConfig, api: Any, store: Any, namespace: str,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None):
         self.cfg, self.api, self.store, self.ns = cfg, api, store, namespace
-        self.clock, self.sleep = clock, sleep
+        self.clock = clock or (lambda: time.time())
+        self.sleep = sleep or (lambda s: time.sleep(s))
 
     # -- one round ---------------------------------------------------------------------------
     def run(self, state: dict[str, Any]) -> dict[str, Any]:
