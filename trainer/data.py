@@ -1,0 +1,418 @@
+"""Training data from synthesis trees: SFT trajectories and PPM preference pairs.
+
+Trees are the trajectory store's records (`search_svc.trajectories`, schema
+`rstar.tree/1`): a flat node list, node 0 the root (the question), each node
+with `parent`, `q`, `visits`, `failure`, `answer`, `correct`, `children`.
+
+SFT (spec section 4, issue 6 item 1): per problem, the paths root -> correct
+answer node with no failed step, ranked by mean Q over their steps (ties: the
+higher minimum Q, then creation order); the top 2 are kept. Duplicates (same
+question and same step texts, across problems, shards and rounds) are dropped.
+
+PPM pairs (spec section 3): for every expanded prefix, its children that lead
+to a correct answer (some correct answer node in their subtree) are the
+positive candidates, children that were explored and lead only to wrong ends
+(a wrong answer, a failed step, a dead end) are the negative candidates;
+positives = the 2 highest-Q positive candidates, negatives = the 2 lowest-Q
+negative candidates. Answer steps are not paired as siblings: the final step
+uses whole trajectories instead (the 2 correct trajectories with the highest
+mean Q vs the 2 wrong ones with the lowest). A pair is kept only when
+Q(pos) - Q(neg) >= `min_q_margin` (0.5) and the two texts differ by an edit
+distance >= `min_edit_distance` (20 characters) -- the authors' filters. Each
+pair of a group gets weight 1 / (number of pairs kept in that group), which is
+1 / (n+ * n-) when nothing was filtered: every step position counts once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from rstar import steps as stepfmt
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- problems / JSONL
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (`.gz` is decompressed); blank lines are skipped."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: not JSON: {e}") from e
+    return rows
+
+
+def load_problems(path: str | Path, limit: int = 0, exclude_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Problems from a pool/dev file: rows with `id`, `problem`, `answer` (extra fields kept)."""
+    rows = read_jsonl(path)
+    excluded = set(exclude_ids)
+    out = []
+    for i, r in enumerate(rows):
+        if "problem" not in r or "answer" not in r:
+            raise ValueError(f"{path}: row {i + 1} lacks 'problem' or 'answer'")
+        r.setdefault("id", f"{Path(path).stem}/{i}")
+        r["answer"] = str(r["answer"])
+        if r["id"] in excluded:
+            continue
+        out.append(r)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def encode_jsonl_gz(rows: Iterable[dict[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        for r in rows:
+            gz.write(json.dumps(r, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return buf.getvalue()
+
+
+def decode_jsonl_gz(data: bytes) -> list[dict[str, Any]]:
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
+        return [json.loads(line) for line in gz if line.strip()]
+
+
+# --------------------------------------------------------------------------- tree helpers
+
+
+def _nodes(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    return tree["nodes"]
+
+
+def path_ids(tree: dict[str, Any], node_id: int) -> list[int]:
+    """Node ids from the first step to `node_id` (root excluded)."""
+    nodes, out, cur = _nodes(tree), [], node_id
+    while cur is not None and nodes[cur]["parent"] is not None:
+        out.append(cur)
+        cur = nodes[cur]["parent"]
+    return out[::-1]
+
+
+def node_steps(node: dict[str, Any]) -> list[str]:
+    """What a node adds to the prefix (its text, then the output step after a code block)."""
+    if node["parent"] is None:
+        return []
+    if node.get("ends_code") and not node.get("failure") and node.get("answer") is None:
+        return [node["text"], stepfmt.output_step(node.get("output", ""))]
+    return [node["text"]]
+
+
+def prefix_steps(tree: dict[str, Any], node_id: int) -> list[str]:
+    nodes = _nodes(tree)
+    return [s for i in path_ids(tree, node_id) for s in node_steps(nodes[i])]
+
+
+def _outcomes(tree: dict[str, Any]) -> tuple[list[bool], list[bool]]:
+    """Per node: (its subtree holds a correct answer, its subtree holds a wrong end)."""
+    nodes = _nodes(tree)
+    good = [False] * len(nodes)
+    bad = [False] * len(nodes)
+    order: list[int] = []          # iterative DFS pre-order; reversed, every child comes before its parent
+    stack = [n["id"] for n in nodes if n["parent"] is None]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        stack.extend(nodes[i].get("children", ()))
+    for i in reversed(order):
+        n = nodes[i]
+        if n.get("answer") is not None and n.get("correct") is True:
+            good[i] = True
+        elif n.get("terminal") and (n.get("failure") or n.get("correct") is False
+                                     or (not n.get("children") and n.get("answer") is None)):
+            bad[i] = True
+        for c in n.get("children", ()):
+            good[i] |= good[c]
+            bad[i] |= bad[c]
+    return good, bad
+
+
+@dataclass(frozen=True)
+class TrajectoryRef:
+    node_id: int          # the answer node
+    correct: bool
+    mean_q: float
+    min_q: float
+    has_failure: bool
+    steps: tuple[str, ...]
+
+
+def trajectories(tree: dict[str, Any]) -> list[TrajectoryRef]:
+    """Every root -> answer-node path of a tree."""
+    nodes = _nodes(tree)
+    out = []
+    for n in nodes:
+        if n["parent"] is None or n.get("answer") is None or n.get("correct") is None:
+            continue
+        ids = path_ids(tree, n["id"])
+        qs = [float(nodes[i]["q"]) for i in ids]
+        out.append(TrajectoryRef(
+            node_id=n["id"], correct=bool(n["correct"]), mean_q=sum(qs) / len(qs), min_q=min(qs),
+            has_failure=any(nodes[i].get("failure") for i in ids),
+            steps=tuple(prefix_steps(tree, n["id"]))))
+    return out
+
+
+# --------------------------------------------------------------------------- SFT selection
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    problem_id: str
+    question: str
+    steps: tuple[str, ...]
+    mean_q: float
+    min_q: float
+    source: str = ""      # "round-<n>/<shard>" it came from
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([self.question, list(self.steps)]).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SFTExample":
+        return cls(d["problem_id"], d["question"], tuple(d["steps"]), float(d["mean_q"]), float(d["min_q"]),
+                   d.get("source", ""))
+
+
+def select_sft(tree: dict[str, Any], top_k: int = 2, source: str = "") -> list[SFTExample]:
+    """The top-k correct trajectories of one tree by mean Q (ties: min Q, then order), no failed step."""
+    cands = [t for t in trajectories(tree) if t.correct and not t.has_failure]
+    cands.sort(key=lambda t: (-t.mean_q, -t.min_q, t.node_id))
+    out, seen = [], set()
+    for t in cands:
+        if t.steps in seen:
+            continue
+        seen.add(t.steps)
+        out.append(SFTExample(str(tree.get("problem_id", "")), tree["question"], t.steps, t.mean_q, t.min_q, source))
+        if len(out) >= top_k:
+            break
+    return out
+
+
+@dataclass
+class SFTStats:
+    problems: int = 0
+    solved: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    tokens: int = 0       # filled in by the trainer once tokenised
+
+    def line(self) -> str:
+        ratio = self.solved / self.problems if self.problems else 0.0
+        return (f"SFT data: {self.problems} problems, {self.solved} solved ({ratio:.1%}), "
+                f"{self.kept} trajectories kept, {self.duplicates} duplicates dropped"
+                + (f", {self.tokens} tokens" if self.tokens else ""))
+
+
+def build_sft(trees: Iterable[tuple[str, dict[str, Any]]], top_k: int = 2) -> tuple[list[SFTExample], SFTStats]:
+    """SFT examples from (source, tree) pairs, deduplicated across everything given."""
+    stats = SFTStats()
+    out: list[SFTExample] = []
+    seen: set[str] = set()
+    for source, tree in trees:
+        stats.problems += 1
+        chosen = select_sft(tree, top_k, source)
+        if chosen:
+            stats.solved += 1
+        for ex in chosen:
+            if ex.key in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(ex.key)
+            out.append(ex)
+    stats.kept = len(out)
+    return out, stats
+
+
+def sft_text(question: str, steps: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The training text of a trajectory and the character spans the loss covers.
+
+    The text is exactly what the fine-tuned policy sees and produces: the prompt
+    `render_prompt(q, [], few_shot=False)` (question + instruction + `<code>\\n`)
+    followed by the generated steps. Loss spans are the policy-written steps; the
+    prompt and the system-written `<output>...<end_of_output>` steps are context only.
+    """
+    prompt = stepfmt.render_prompt(question, [], few_shot=False)
+    full = stepfmt.render_prompt(question, list(steps), few_shot=False)
+    if not full.startswith(prompt):
+        raise ValueError("trajectory does not start with the <code> block the prompt opens")
+    spans: list[tuple[int, int]] = []
+    pos = len(prompt)
+    first = True
+    for s in steps:
+        text = s
+        if first:
+            if not s.startswith(stepfmt.CODE_START + "\n"):
+                raise ValueError("first step must open the <code> block")
+            text = s[len(stepfmt.CODE_START) + 1:]
+            first = False
+        if not s.lstrip().startswith(stepfmt.OUTPUT_START):
+            spans.append((pos, pos + len(text)))
+        pos += len(text)
+    if pos != len(full):
+        raise ValueError("internal error: step offsets do not add up")
+    return full, spans
+
+
+# --------------------------------------------------------------------------- PPM pairs
+
+
+def edit_distance_at_least(a: str, b: str, k: int) -> bool:
+    """Whether Levenshtein(a, b) >= k (banded DP with early exit)."""
+    if k <= 0:
+        return True
+    if abs(len(a) - len(b)) >= k:
+        return True
+    if a == b:
+        return False
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+        if min(cur) >= k:
+            return True
+        prev = cur
+    return prev[-1] >= k
+
+
+@dataclass(frozen=True)
+class Pair:
+    problem_id: str
+    question: str
+    pos: tuple[str, ...]      # steps of the preferred prefix (PPM input: render(question, pos))
+    neg: tuple[str, ...]
+    q_pos: float
+    q_neg: float
+    group: str                # the step position both share ("<problem>/<node>" or "<problem>/final")
+    weight: float
+    kind: str                 # "step" or "final"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pos"], d["neg"] = list(self.pos), list(self.neg)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Pair":
+        return cls(d["problem_id"], d["question"], tuple(d["pos"]), tuple(d["neg"]), float(d["q_pos"]),
+                   float(d["q_neg"]), d["group"], float(d["weight"]), d["kind"])
+
+
+@dataclass
+class PairConfig:
+    top_pos: int = 2
+    bottom_neg: int = 2
+    min_q_margin: float = 0.5
+    min_edit_distance: int = 20
+    final_pairs: bool = True
+
+
+@dataclass
+class PairStats:
+    trees: int = 0
+    groups: int = 0
+    step_pairs: int = 0
+    final_pairs: int = 0
+    filtered_margin: int = 0
+    filtered_edit: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"PPM pairs: {self.step_pairs} step + {self.final_pairs} final from {self.trees} trees "
+                f"({self.groups} groups); dropped {self.filtered_margin} (Q margin), {self.filtered_edit} (edit distance)")
+
+
+def _group_pairs(pid: str, question: str, group: str, kind: str, pos: list[tuple[tuple[str, ...], float, str]],
+                 neg: list[tuple[tuple[str, ...], float, str]], cfg: PairConfig, stats: PairStats) -> list[Pair]:
+    kept = []
+    for p_steps, p_q, p_text in pos:
+        for n_steps, n_q, n_text in neg:
+            if p_q - n_q < cfg.min_q_margin:
+                stats.filtered_margin += 1
+                continue
+            if not edit_distance_at_least(p_text, n_text, cfg.min_edit_distance):
+                stats.filtered_edit += 1
+                continue
+            kept.append((p_steps, n_steps, p_q, n_q))
+    if not kept:
+        return []
+    stats.groups += 1
+    w = 1.0 / len(kept)
+    return [Pair(pid, question, ps, ns, pq, nq, group, w, kind) for ps, ns, pq, nq in kept]
+
+
+def build_pairs(tree: dict[str, Any], cfg: PairConfig | None = None, stats: PairStats | None = None) -> list[Pair]:
+    """Preference pairs of one tree (see the module docstring)."""
+    cfg = cfg or PairConfig()
+    stats = stats if stats is not None else PairStats()
+    stats.trees += 1
+    nodes = _nodes(tree)
+    good, bad = _outcomes(tree)
+    pid, question = str(tree.get("problem_id", "")), tree["question"]
+    out: list[Pair] = []
+    for n in nodes:
+        kids = [nodes[c] for c in n.get("children", ()) if nodes[c].get("answer") is None]
+        if len(kids) < 2:
+            continue
+        explored = [k for k in kids if k.get("visits", 0) > 0]
+        pos_c = sorted((k for k in explored if good[k["id"]]), key=lambda k: (-float(k["q"]), k["id"]))
+        neg_c = sorted((k for k in explored if not good[k["id"]] and bad[k["id"]]), key=lambda k: (float(k["q"]), k["id"]))
+        pos = [(tuple(prefix_steps(tree, k["id"])), float(k["q"]), k["text"]) for k in pos_c[:cfg.top_pos]]
+        neg = [(tuple(prefix_steps(tree, k["id"])), float(k["q"]), k["text"]) for k in neg_c[:cfg.bottom_neg]]
+        got = _group_pairs(pid, question, f"{pid}/{n['id']}", "step", pos, neg, cfg, stats)
+        stats.step_pairs += len(got)
+        out += got
+    if cfg.final_pairs:
+        trajs = trajectories(tree)
+        right = sorted((t for t in trajs if t.correct), key=lambda t: (-t.mean_q, -t.min_q, t.node_id))
+        wrong = sorted((t for t in trajs if not t.correct), key=lambda t: (t.mean_q, t.min_q, t.node_id))
+        pos = [(t.steps, t.mean_q, "".join(t.steps)) for t in right[:cfg.top_pos]]
+        neg = [(t.steps, t.mean_q, "".join(t.steps)) for t in wrong[:cfg.bottom_neg]]
+        got = _group_pairs(pid, question, f"{pid}/final", "final", pos, neg, cfg, stats)
+        stats.final_pairs += len(got)
+        out += got
+    return out
+
+
+def build_all_pairs(trees: Iterable[dict[str, Any]], cfg: PairConfig | None = None) -> tuple[list[Pair], PairStats]:
+    stats = PairStats()
+    out: list[Pair] = []
+    seen: set[tuple] = set()
+    for t in trees:
+        for p in build_pairs(t, cfg, stats):
+            key = (p.question, p.pos, p.neg)
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out, stats
+
+
+def iter_round_trees(store, round_no: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source, tree) for every tree of a round's complete shards."""
+    from search_svc import trajectories as traj
+
+    for info in traj.list_complete_shards(store, round_no):
+        for tree in traj.read_shard(store, round_no, info.shard):
+            yield f"round-{round_no}/{info.shard}", tree

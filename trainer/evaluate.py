@@ -1,0 +1,360 @@
+"""`rstar eval`: accuracy on a dev set by greedy decoding, majority vote over N samples, and MCTS.
+
+- Greedy / sampled trajectories are produced step by step exactly as the
+  search produces one path: the policy writes a step (stop strings
+  `<end_of_step>`, `<end_of_code>`, `<end_of_answer>`), a step that closes the
+  code block runs in the sandbox (the whole block, re-run from the start) and
+  its output is appended, the `\\boxed{}` step ends the trajectory. Problems
+  advance in lock-step so each step is one batched generate call.
+- The policy is the local model (`HFPolicy`: transformers, greedy or seeded
+  sampling, batched) or the policy service (`search_svc.clients.PolicyClient`).
+- MCTS (+PPM) goes through the search service's `Solve` with N trajectories.
+- Grading: `math-verify` (parse + verify of `\\boxed{pred}` against
+  `\\boxed{gold}`); when it cannot parse either side, the project grader
+  `rstar.grading.answers_equal`. The report says which grader decided each case.
+- "Format" = the trajectory followed the step format: every step ended with a
+  stop string, every program ran, and it finished with a `\\boxed{}` answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rstar import grading, steps as stepfmt
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def grade(pred: str | None, gold: str) -> tuple[bool, str]:
+    """(correct, grader): math-verify where it parses both sides, else the project grader."""
+    if pred is None or not str(pred).strip():
+        return False, "none"
+    try:
+        from math_verify import parse, verify
+
+        g = parse(f"\\boxed{{{gold}}}")
+        p = parse(f"\\boxed{{{pred}}}")
+        if g and p:
+            return bool(verify(g, p)), "math-verify"
+    except Exception as e:  # noqa: BLE001 - a grader crash is "could not decide", not an eval failure
+        log.debug("math-verify failed on %r vs %r: %s", pred, gold, e)
+    return grading.answers_equal(pred, gold), "rstar.grading"
+
+
+# --------------------------------------------------------------------------- local policy
+
+
+class HFPolicy:
+    """A transformers causal LM as the search engine's `Policy` (batched; greedy at temperature 0)."""
+
+    def __init__(self, model_dir: str | Path, few_shot: bool | None = None, batch_size: int = 8,
+                 version: str = "", threads: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trainer.sft import model_info
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        info = model_info(model_dir)
+        self.few_shot = info.get("few_shot", True) if few_shot is None else few_shot
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.batch_size = batch_size
+        self.version = version or Path(model_dir).name
+        self._strip = [t for t in {self.tok.pad_token, self.tok.eos_token} if t]
+
+    def _complete(self, prompts: list[str], seeds: list[int], params) -> list[tuple[str, str, int]]:
+        import torch
+
+        out: list[tuple[str, str, int]] = []
+        greedy = params.temperature <= 0
+        for b in range(0, len(prompts), self.batch_size):
+            chunk = prompts[b:b + self.batch_size]
+            enc = self.tok(chunk, return_tensors="pt", padding=True).to(self.device)
+            kw: dict[str, Any] = dict(max_new_tokens=params.max_tokens, stop_strings=list(stepfmt.STOP_STRINGS),
+                                      tokenizer=self.tok, pad_token_id=self.tok.pad_token_id)
+            if greedy:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                torch.manual_seed(seeds[b] & 0x7FFFFFFF)
+                kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            with torch.inference_mode():
+                gen = self.model.generate(**enc, **kw)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                text = self.tok.decode(row, skip_special_tokens=False)
+                for s in self._strip:
+                    text = text.replace(s, "")
+                cut = [(text.find(s) + len(s)) for s in stepfmt.STOP_STRINGS if s in text]
+                n_tok = int((row != self.tok.pad_token_id).sum())
+                if cut:
+                    out.append((text[:min(cut)], "stop", n_tok))
+                else:
+                    out.append((text, "length" if n_tok >= params.max_tokens else "stop", n_tok))
+        return out
+
+    def generate(self, items, params, scope=None):
+        from search_svc.mcts import Candidate, Versioned
+
+        prompts, seeds, owners = [], [], []
+        for i, it in enumerate(items):
+            for j in range(it.n):
+                prompts.append(stepfmt.render_prompt(it.question, list(it.steps), few_shot=self.few_shot))
+                seeds.append(it.seed + j)
+                owners.append(i)
+        done = self._complete(prompts, seeds, params)
+        res: list[list] = [[] for _ in items]
+        for i, (text, reason, n) in zip(owners, done):
+            res[i].append(Candidate(text, reason, n))
+        return Versioned(res, model_version=self.version)
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    question: str
+    steps: list[str] = field(default_factory=list)
+    answer: str | None = None
+    failure: str = ""
+    done: bool = False
+    tokens: int = 0
+
+    @property
+    def format_ok(self) -> bool:
+        return self.done and not self.failure and self.answer is not None
+
+
+def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: float = 0.0, top_p: float = 0.95,
+                 max_tokens: int = 256, max_depth: int = 16, seeds: Sequence[int] | None = None) -> list[Rollout]:
+    """One trajectory per question, all advanced in lock-step (one generate call per depth)."""
+    from search_svc.mcts import GenerationItem, SamplingParams
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+    seeds = list(seeds) if seeds is not None else [0] * len(questions)
+    rs = [Rollout(q) for q in questions]
+    for depth in range(max_depth):
+        active = [i for i, r in enumerate(rs) if not r.done]
+        if not active:
+            break
+        log.info("rollouts: depth %d, %d/%d active", depth, len(active), len(rs))
+        items = [GenerationItem(rs[i].question, tuple(rs[i].steps), 1, seeds[i] * 1000 + depth) for i in active]
+        cands = policy.generate(items, params)
+        programs: list[tuple[int, str]] = []
+        for i, cs in zip(active, cands):
+            r = rs[i]
+            c = cs[0]
+            r.tokens += c.num_tokens
+            text = stepfmt.normalize_candidate(c.text, is_first=not r.steps)
+            parsed = stepfmt.parse_step(text)
+            if parsed.is_answer:
+                r.steps.append(text)
+                r.answer, r.done = parsed.answer, True
+                if not parsed.complete:
+                    r.failure = "incomplete"
+                continue
+            if c.finish_reason == "length" or not parsed.complete:
+                r.steps.append(text)
+                r.failure, r.done = ("length" if c.finish_reason == "length" else "incomplete"), True
+                continue
+            if not parsed.code.strip() and not parsed.ends_code:
+                r.steps.append(text)
+                r.failure, r.done = "empty", True
+                continue
+            programs.append((i, stepfmt.assemble_program(r.steps, text)))
+            r.steps.append(text)
+        if programs:
+            results = executor.execute([p for _, p in programs])
+            for (i, _), res in zip(programs, results):
+                r = rs[i]
+                if res.failure != "ok" or stepfmt.output_is_failure(res.stdout):
+                    r.failure, r.done = f"exec:{res.failure}", True
+                elif stepfmt.parse_step(r.steps[-1]).ends_code:
+                    r.steps.append(stepfmt.output_step(res.stdout))
+    for r in rs:
+        if not r.done:
+            r.failure, r.done = "depth", True
+    return rs
+
+
+# --------------------------------------------------------------------------- MCTS via the search service
+
+
+def mcts_answers(address: str, problems: Sequence[dict[str, Any]], trajectories: int, rollouts: int = 0,
+                 seed: int = 0, timeout: float = 1800.0) -> list[str]:
+    import grpc
+
+    from rstar.v1 import search_pb2, search_pb2_grpc
+
+    out = []
+    with grpc.insecure_channel(address) as ch:
+        stub = search_pb2_grpc.SearchServiceStub(ch)
+        for p in problems:
+            req = search_pb2.SolveRequest(problem=p["problem"], seed=seed,
+                                          budget=search_pb2.Budget(trajectories=trajectories, rollouts=rollouts))
+            out.append(stub.Solve(req, timeout=timeout).answer)
+    return out
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+@dataclass
+class EvalConfig:
+    greedy: bool = True
+    samples: int = 0              # majority vote over this many sampled trajectories (0: skip)
+    temperature: float = 0.7
+    mcts: tuple[int, ...] = ()    # numbers of trajectories for MCTS through the search service
+    mcts_rollouts: int = 0
+    search_address: str = ""
+    max_tokens: int = 256
+    max_depth: int = 16
+    seed: int = 0
+
+
+def _vote(answers: Sequence[str | None]) -> str | None:
+    """Majority answer; answers equal under the grader share a bucket, ties go to the earliest."""
+    buckets: list[tuple[str, int, int]] = []   # (representative, votes, first index)
+    for idx, a in enumerate(answers):
+        if a is None:
+            continue
+        for j, (rep, v, first) in enumerate(buckets):
+            if grading.answers_equal(a, rep):
+                buckets[j] = (rep, v + 1, first)
+                break
+        else:
+            buckets.append((a, 1, idx))
+    if not buckets:
+        return None
+    return sorted(buckets, key=lambda b: (-b[1], b[2]))[0][0]
+
+
+def evaluate(problems: Sequence[dict[str, Any]], policy, executor, cfg: EvalConfig,
+             meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    t0 = time.monotonic()
+    golds = [str(p["answer"]) for p in problems]
+    questions = [p["problem"] for p in problems]
+    report: dict[str, Any] = {"problems": len(problems), "config": asdict(cfg), **(meta or {})}
+    graders: Counter = Counter()
+    if cfg.greedy:
+        t = time.monotonic()
+        rs = run_rollouts(policy, executor, questions, temperature=0.0, max_tokens=cfg.max_tokens,
+                          max_depth=cfg.max_depth)
+        rows = []
+        for p, r, g in zip(problems, rs, golds):
+            ok, how = grade(r.answer, g)
+            graders[how] += 1
+            rows.append({"id": p.get("id"), "gold": g, "answer": r.answer, "correct": ok, "format_ok": r.format_ok,
+                         "failure": r.failure, "steps": len(r.steps), "tokens": r.tokens,
+                         "trajectory": "".join(r.steps)})
+        n = max(1, len(rows))
+        report["greedy"] = {
+            "accuracy": sum(r["correct"] for r in rows) / n,
+            "format_rate": sum(r["format_ok"] for r in rows) / n,
+            "answered_rate": sum(r["answer"] is not None for r in rows) / n,
+            "failures": dict(Counter(r["failure"] or "none" for r in rows)),
+            "tokens": sum(r["tokens"] for r in rows), "seconds": round(time.monotonic() - t, 1),
+            "per_problem": rows,
+        }
+    if cfg.samples > 0:
+        t = time.monotonic()
+        qs = [q for q in questions for _ in range(cfg.samples)]
+        seeds = [cfg.seed * 7919 + i for i in range(len(qs))]
+        rs = run_rollouts(policy, executor, qs, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                          max_depth=cfg.max_depth, seeds=seeds)
+        answers = [[rs[i * cfg.samples + j].answer for j in range(cfg.samples)] for i in range(len(problems))]
+        curve = {}
+        for k in range(1, cfg.samples + 1):
+            correct = 0
+            for ans, g in zip(answers, golds):
+                ok, how = grade(_vote(ans[:k]), g)
+                correct += ok
+            curve[k] = correct / max(1, len(problems))
+        report["majority"] = {"samples": cfg.samples, "temperature": cfg.temperature,
+                              "accuracy": curve[cfg.samples], "curve": curve,
+                              "format_rate": sum(r.format_ok for r in rs) / max(1, len(rs)),
+                              "seconds": round(time.monotonic() - t, 1), "answers": answers}
+    if cfg.mcts:
+        if not cfg.search_address:
+            raise ValueError("MCTS evaluation needs the search service address (--search-address)")
+        res = {}
+        for n in cfg.mcts:
+            t = time.monotonic()
+            answers = mcts_answers(cfg.search_address, problems, n, cfg.mcts_rollouts, cfg.seed)
+            oks = [grade(a or None, g)[0] for a, g in zip(answers, golds)]
+            res[n] = {"accuracy": sum(oks) / max(1, len(oks)), "answers": answers,
+                      "seconds": round(time.monotonic() - t, 1)}
+        report["mcts"] = res
+    report["graders"] = dict(graders)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a report (what manifests and gates use)."""
+    out: dict[str, Any] = {"problems": report.get("problems")}
+    if "greedy" in report:
+        out["greedy_accuracy"] = report["greedy"]["accuracy"]
+        out["format_rate"] = report["greedy"]["format_rate"]
+    if "majority" in report:
+        out[f"maj@{report['majority']['samples']}"] = report["majority"]["accuracy"]
+    for n, r in (report.get("mcts") or {}).items():
+        out[f"mcts@{n}"] = r["accuracy"]
+    return out
+
+
+def plot(report: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """PNG: accuracy against the number of trajectories (greedy line, majority curve, MCTS points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs_max = 1
+    if "majority" in report:
+        curve = {int(k): v for k, v in report["majority"]["curve"].items()}
+        ks = sorted(curve)
+        ax.plot(ks, [curve[k] for k in ks], marker="o", label="majority vote (sampled)")
+        xs_max = max(xs_max, ks[-1])
+    if report.get("mcts"):
+        ns = sorted(int(n) for n in report["mcts"])
+        ax.plot(ns, [report["mcts"][n if n in report["mcts"] else str(n)]["accuracy"] for n in ns],
+                marker="s", label="MCTS + PPM")
+        xs_max = max(xs_max, ns[-1])
+    if "greedy" in report:
+        ax.axhline(report["greedy"]["accuracy"], color="gray", linestyle="--",
+                   label=f"greedy ({report['greedy']['accuracy']:.1%})")
+        ax.plot([1], [report["greedy"]["accuracy"]], marker="x", color="gray")
+    ax.set_xlabel("trajectories")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0.5, xs_max + 0.5)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{report.get('dataset', '')} ({report.get('problems')} problems)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_json: str | Path, out_png: str | Path | None = None) -> None:
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(report, indent=2, default=str))
+    if out_png:
+        plot(report, out_png)
