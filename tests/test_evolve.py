@@ -1,0 +1,147 @@
+"""Self-evolution rounds: resumable state, idempotent stages, the promotion gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rstar.registry import ModelRegistry
+from rstar.store import open_store
+from search_svc import trajectories as traj
+from trainer import evolve, publish
+
+SOLVED = [
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+     "How many clips did Natalia sell altogether in April and May?",
+     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether.\n#### 72",
+     "72"),
+    ("Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+     "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10",
+     "10"),
+    ("Tom has 3 boxes of 4 eggs. How many eggs?", "He has 3*4 = <<3*4=12>>12 eggs.\n#### 12", "12"),
+    ("A pen costs 2 dollars. How much do 5 pens cost?", "They cost 5*2 = <<5*2=10>>10 dollars.\n#### 10", "10"),
+]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    pool = _write(tmp_path / "pool.jsonl", [{"id": f"p{i}", "problem": q, "solution": s, "answer": a}
+                                            for i, (q, s, a) in enumerate(SOLVED)]
+                  + [{"id": "dev0", "problem": "dev problem in the pool", "solution": "x <<1+1=2>>\n#### 2", "answer": "2"}])
+    dev = _write(tmp_path / "dev.jsonl", [{"id": "dev0", "problem": "What is 1 + 1?", "answer": "2"},
+                                          {"id": "dev1", "problem": "What is 2 + 2?", "answer": "4"}])
+    cfg = evolve.EvolveConfig(
+        store_url=str(tmp_path / "store"), pool=str(pool), dev=str(dev), base_model=str(tiny_model_dir),
+        chunk=2, sft_max_steps=2, sft_batch_size=2, sft_micro_batch=2, sft_lr=1e-3, sft_max_length=512,
+        eval_max_tokens=8, eval_max_depth=2, work_dir=str(tmp_path / "work"), progress=False)
+    return cfg
+
+
+@pytest.mark.timeout(240)
+def test_round_killed_after_synthesis_resumes_at_training(setup):
+    cfg = setup
+    ctx = evolve.Context(cfg)
+    seen: list[tuple[str, str]] = []
+
+    def kill_at_training(task, event):
+        seen.append((task, event))
+        if task == "train-policy" and event == "start":
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve.evolve(ctx, 1, on_task=kill_at_training)
+    from trainer.controller import load_state
+
+    st = load_state(ctx.store, 1)   # the controller's schema: it can adopt a locally started round
+    assert st["status"] == "running" and st["tasks"]["synthesis-0"]["status"] == "succeeded"
+    assert st["tasks"]["train-policy"]["status"] == "running"
+    shards = {i.shard: i.manifest["sha256"] for i in traj.list_complete_shards(ctx.store, 1)}
+    assert sorted(shards) == ["shard-000-0000", "shard-000-0001"]   # dev0 left out of the pool: 4 problems
+    synth = json.loads(ctx.store.get("rounds/round-1/synthesis.json"))
+    assert synth["total"] == 4 and synth["solved"] == 4
+
+    seen.clear()
+    ctx = evolve.Context(cfg)   # a fresh process
+    states = evolve.evolve(ctx, 1, on_task=lambda t, e: seen.append((t, e)))
+    assert [t for t, e in seen if e == "start"] == ["train-policy", "train-ppm", "eval", "promote"]
+    assert {i.shard: i.manifest["sha256"] for i in traj.list_complete_shards(ctx.store, 1)} == shards
+    st = states[0]
+    assert st["status"] == "succeeded" and st["tasks"]["train-policy"]["attempt"] == 2
+    assert st["summaries"]["train-ppm"]["skipped"] is True          # reference data has no wrong trajectories
+    reg = ModelRegistry(ctx.store)
+    m = reg.manifest("policy", "r1")
+    assert m.round == 1 and m.data["trajectories"] == 4 and m.parent.startswith("policy/")
+    assert m.metadata["few_shot"] is False and {f.path for f in m.files} >= {"config.json", "rstar_model.json"}
+    # eval then gate: with the current = base model, "not worse" passes and CURRENT moves
+    assert st["summaries"]["eval"]["candidate"]["version"] == "r1"
+    assert st["summaries"]["promote"]["promoted"] is True and reg.current("policy") == "r1"
+    # nothing left to do; re-running a finished stage does not publish again
+    assert evolve.evolve(ctx, 1) == []
+    again = evolve.run_stage(ctx, "train-policy", 1)
+    assert again["trained"] is False and [v.version for v in reg.versions("policy")] == ["r1"]
+
+
+def test_failed_gate_leaves_current_unchanged(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    reg = ModelRegistry(store, cache_dir=tmp_path / "cache")
+    for v in ("r1", "r2"):
+        d = tmp_path / v
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"v": v}))
+        reg.publish("policy", d, v, round=int(v[1:]))
+    reg.promote("policy", "r1")
+    cfg = evolve.EvolveConfig(store_url=str(tmp_path / "store"), work_dir=str(tmp_path / "work"), max_regression=0.05)
+    ctx = evolve.Context(cfg)
+    ctx.registry = reg
+    history = len(reg.history("policy"))
+    ctx.put_json(evolve.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.40},
+                                                 "current": {"version": "r1", "greedy_accuracy": 0.50}})
+    out = evolve.stage_promote(ctx, 2)
+    assert out["promoted"] is False and "regresses" in out["gate"]["reason"]
+    assert reg.current("policy") == "r1" and len(reg.history("policy")) == history
+    ctx.put_json(evolve.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.46},
+                                                 "current": {"version": "r1", "greedy_accuracy": 0.50}})
+    out = evolve.stage_promote(ctx, 2)
+    assert out["promoted"] is True and reg.current("policy") == "r2"
+
+
+def test_gate_rules():
+    assert publish.gate(0.5, 0.5).passed and not publish.gate(0.49, 0.5).passed
+    assert publish.gate(0.45, 0.5, max_regression=0.05).passed
+    assert publish.gate(0.1, None).passed and not publish.gate(None, 0.1).passed
+    assert not publish.gate(0.3, None, min_accuracy=0.5).passed
+
+
+def test_promotion_refuses_an_incomplete_version(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    reg = ModelRegistry(store, cache_dir=tmp_path / "cache")
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    reg.publish("policy", d, "r1")
+    reg.promote("policy", "r1")
+    store.put("models/policy/r2/config.json", b"{}")   # an upload that never wrote its manifest
+    with pytest.raises(Exception):
+        publish.promote_pair(reg, "r2", None, "test")
+    assert reg.current("policy") == "r1"
+
+
+def test_config_and_stage_errors(tmp_path):
+    from rstar.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        evolve.EvolveConfig(bootstrap="nope").validate()
+    cfg = evolve.EvolveConfig(rollouts="8,16")
+    assert [cfg.rollouts_for(r) for r in (1, 2, 3)] == [8, 16, 16]
+    ctx = evolve.Context(evolve.EvolveConfig(store_url=str(tmp_path / "s"), work_dir=str(tmp_path / "w")))
+    with pytest.raises(evolve.StageError, match="pool"):
+        evolve.run_stage(ctx, "synthesis", 1)
+    with pytest.raises(evolve.StageError, match="no evaluation summary"):
+        evolve.run_stage(ctx, "promote", 1)
+    assert set(evolve.STAGES) == set(__import__("trainer.controller", fromlist=["STAGES"]).STAGES)

@@ -1,0 +1,56 @@
+"""PPM training: Bradley-Terry on a synthetic task, loadable by the PPM service."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from trainer import data, ppm_train, training
+
+
+def _pair(a: int, b: int, op: str, group: str) -> data.Pair:
+    """Correct vs wrong arithmetic step: the step must use the operation the question asks for."""
+    word, sym, wrong = {"+": ("plus", "+", "-"), "-": ("minus", "-", "+")}[op]
+    q = f"What is {a} {word} {b}?"
+    pos = (f"<code>\n# Step 1: compute it\nx = {a} {sym} {b}\n<end_of_step>",)
+    neg = (f"<code>\n# Step 1: compute it\nx = {a} {wrong} {b}\n<end_of_step>",)
+    return data.Pair(group, q, pos, neg, 1.0, -1.0, group, 1.0, "step")
+
+
+def synthetic_pairs(n: int, seed: int) -> list[data.Pair]:
+    rng = random.Random(seed)
+    # balanced: a scorer that ignores the question (e.g. always prefers '+') gets exactly 50%
+    return [_pair(rng.randint(1, 99), rng.randint(1, 99), "+" if i % 2 else "-", f"s{seed}-{i}") for i in range(n)]
+
+
+def test_bt_loss_is_weighted_and_prefers_the_positive():
+    rp, rn = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    w = torch.tensor([0.5, 0.5])
+    expected = 0.5 * -torch.nn.functional.logsigmoid(torch.tensor(2.0)) + 0.5 * torch.log(torch.tensor(2.0))
+    assert ppm_train.bt_loss(rp, rn, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ppm_train.bt_loss(rn, rp, w) > ppm_train.bt_loss(rp, rn, w)
+
+
+@pytest.mark.timeout(240)
+def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_model_dir):
+    train = synthetic_pairs(96, seed=1)
+    held_out = synthetic_pairs(40, seed=2)
+    before = ppm_train.pair_accuracy(tiny_model_dir, held_out)
+    assert before < 0.75    # the task needs training: an untrained (or constant-loss) model stays near 0.5
+    cfg = training.TrainConfig(lr=3e-3, epochs=4, batch_size=16, micro_batch=16, warmup_ratio=0.0,
+                               checkpoint_every=0, progress=False, max_length=256)
+    out = tmp_path / "ppm"
+    report = ppm_train.train_ppm(tiny_model_dir, train, out, cfg)
+    assert report["loss_last"] < report["loss_first"]
+    acc = ppm_train.pair_accuracy(out, held_out)
+    assert acc >= 0.9, f"held-out ranking accuracy {acc:.2f} (before training {before:.2f}), losses {report['losses']}"
+    # what the PPM service loads: backbone + value_head.safetensors, scored as tanh(raw / 5)
+    from ppm_svc.core import VALUE_HEAD_FILE, PPMScorer
+
+    assert (out / VALUE_HEAD_FILE).is_file() and (out / "config.json").is_file()
+    scorer = PPMScorer(out, "r1")
+    p = held_out[0]
+    (sp, sn), version = scorer.score([(p.question, list(p.pos)), (p.question, list(p.neg))])
+    assert version == "r1" and -1 <= sn < sp <= 1
