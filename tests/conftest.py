@@ -39,7 +39,29 @@ def default_model_dir(test_home) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(test_home, default_model_dir) -> Path:
-    """A randomly initialised 2-layer Llama with the default tokenizer: vLLM loads it in seconds."""
+    """A 2-layer Llama with the default tokenizer, fitted for a few seconds to solutions in the step
+    format (so it ends steps with the markers and writes runnable code): vLLM loads it in seconds.
+    Serve it with few-shot examples off (it was fitted without them)."""
+    from rstar import steps
     from rstar.models import make_tiny_model
 
-    return make_tiny_model(test_home / "cache" / "tiny-llama-h128", default_model_dir)
+    texts = [steps.render_prompt(q, [], few_shot=False) + "".join(s)[len(steps.CODE_START) + 1:]
+             for q, s in TINY_SOLUTIONS]
+    return make_tiny_model(test_home / "cache" / "tiny-llama-fmt3", default_model_dir, train_on=texts)
+
+
+# (question, steps) the tiny test model is fitted to; the integration tests ask these questions.
+TINY_SOLUTIONS = [
+    ("Tom has 3 boxes with 12 apples each. How many apples does he have?", [
+        "<code>\n# Step 1: Multiply boxes by apples per box.\ntotal = 3 * 12\n<end_of_step>",
+        "\n# Now print the final answer\nprint(total)\n<end_of_code>",
+        "\n<output>36<end_of_output>",
+        "\n<answer>From the result, the answer is \\boxed{36}.<end_of_answer>",
+    ]),
+    ("What is 12 times 3?", [
+        "<code>\n# Step 1: Multiply.\nx = 12 * 3\n<end_of_step>",
+        "\n# Now print the final answer\nprint(x)\n<end_of_code>",
+        "\n<output>36<end_of_output>",
+        "\n<answer>From the result, the answer is \\boxed{36}.<end_of_answer>",
+    ]),
+]
