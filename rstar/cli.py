@@ -104,6 +104,31 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
     return procs
 
 
+def busy_ports(eps: dict[str, Endpoint]) -> list[str]:
+    """The endpoints whose gRPC or metrics port is already taken on this host."""
+    import socket
+
+    out = []
+    for name, ep in eps.items():
+        for what, port in (("grpc", ep.address.rsplit(":", 1)[1]),
+                           ("metrics", ep.metrics_url.rsplit(":", 1)[1].split("/")[0])):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("0.0.0.0" if what == "metrics" else ep.address.rsplit(":", 1)[0], int(port)))
+                except OSError:
+                    out.append(f"{name} {what} port {port}")
+    return out
+
+
+def _check_ports(eps: dict[str, Endpoint]) -> bool:
+    taken = busy_ports(eps)
+    if taken:
+        _eprint("error: in use: " + ", ".join(taken) + " (services already running? `rstar status`, `rstar down`, "
+                "or pick other ports with --base-port)")
+    return not taken
+
+
 def wait_healthy(eps: dict[str, Endpoint], procs: dict[str, subprocess.Popen] | None = None,
                  timeout: float = 900.0, quiet: bool = False) -> None:
     deadline = time.monotonic() + timeout
@@ -161,6 +186,8 @@ def cmd_up(args) -> int:
         if alive:
             _eprint(f"services already running ({', '.join(alive)}); `rstar down` first")
             return 1
+    if not _check_ports(eps):
+        return 1
     _eprint("starting policy, ppm, sandbox and search (first start converts the default model, ~1 min)...")
     procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
     try:
@@ -362,7 +389,9 @@ def cmd_solve(args) -> int:
 
 def cmd_demo(args) -> int:
     eps = endpoints(args.host, args.base_port)
-    _eprint("rstar demo: starting the four services on loopback...")
+    if not _check_ports(eps):
+        return 1
+    _eprint("rstar demo: starting the four services on loopback (first start converts the default model, ~1 min)...")
     procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
