@@ -36,7 +36,7 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 256
-    stop: tuple[str, ...] = steps.STOP_STRINGS
+    stop: tuple[str, ...] = steps.GENERATION_STOPS
 
 
 @dataclass

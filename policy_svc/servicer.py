@@ -49,7 +49,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             temperature=float(sp.temperature),
             top_p=float(sp.top_p) if sp.top_p > 0 else 1.0,
             max_tokens=int(sp.max_tokens) or cfg.default_max_tokens,
-            stop=tuple(sp.stop) or steps.STOP_STRINGS,
+            stop=tuple(sp.stop) or steps.GENERATION_STOPS,
         )
         timeout = context.time_remaining()  # None or huge without a client deadline
         if timeout is not None and timeout > 1e6:

@@ -25,6 +25,7 @@ from rstar.config import home_dir
 SERVICES = ("sandbox", "ppm", "policy", "search")  # start order: cheap ones first
 DEFAULT_PORTS = {"policy": 50051, "ppm": 50052, "sandbox": 50053, "search": 50054}
 DEFAULT_METRICS = {"policy": 9101, "ppm": 9102, "sandbox": 9103, "search": 9104}
+DEMO_BUDGET = (4, 4)  # rollouts, candidates per expansion for `rstar demo` without budget flags
 DEFAULT_ROLLOUTS = 8  # used when other budget flags are given without --rollouts
 SAMPLE_PROBLEM = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -397,6 +398,8 @@ def cmd_demo(args) -> int:
         wait_healthy(eps, procs, timeout=args.timeout)
         _print_endpoints(eps)
         args.problem = args.problem or SAMPLE_PROBLEM
+        if args.rollouts is None and not args.k:  # a budget that finishes in minutes on 2 CPU cores
+            args.rollouts, args.k = DEMO_BUDGET
         print(f"\nproblem: {args.problem}\n")
         solve_args = argparse.Namespace(**vars(args))
         solve_args.search_address = eps["search"].address

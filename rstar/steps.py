@@ -19,6 +19,10 @@ END_OF_ANSWER = "<end_of_answer>"
 STOP_STRINGS = (END_OF_STEP, END_OF_CODE, END_OF_ANSWER)
 CODE_START = "<code>"
 OUTPUT_START = "<output>"
+# What generation stops at: the spec's three markers, plus `<output>`, which only the
+# system may write (a model that starts writing its own output is stopped there, and the
+# step is taken as closing the code block, see `normalize_candidate`).
+GENERATION_STOPS = STOP_STRINGS + (OUTPUT_START,)
 OUTPUT_END = "<end_of_output>"
 ANSWER_START = "<answer>"
 SPECIAL_TOKENS = (CODE_START, END_OF_STEP, END_OF_CODE, OUTPUT_START, OUTPUT_END, ANSWER_START, END_OF_ANSWER)
@@ -79,7 +83,12 @@ def _has_answer_marker(text: str) -> bool:
 
 
 def normalize_candidate(text: str, is_first: bool) -> str:
-    """Canonical step text: the first step always opens the `<code>` block."""
+    """Canonical step text: the first step always opens the `<code>` block, and a step in
+    which the model writes `<output>` itself is cut there and closes the code block (the
+    system runs the program and appends the real output)."""
+    pos = text.find(OUTPUT_START)
+    if pos >= 0 and "\\boxed" not in text[:pos] and ANSWER_START not in text[:pos]:
+        text = text[:pos].rstrip() + "\n" + END_OF_CODE
     if is_first and not text.lstrip().startswith(CODE_START) and not _has_answer_marker(text):
         return CODE_START + "\n" + text.lstrip("\n")
     return text

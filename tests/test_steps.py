@@ -69,3 +69,14 @@ def test_first_candidate_gets_code_marker():
 def test_error_output_is_failure():
     assert steps.output_is_failure("NameError: name 'x' is not defined")
     assert not steps.output_is_failure("42")
+
+
+def test_model_written_output_closes_the_code_block():
+    text = "\n# Now print\nprint(y)\n<output>12<end_of_output>\n<answer>so \\boxed{12}.<end_of_answer>"
+    norm = steps.normalize_candidate(text, False)
+    assert norm == "\n# Now print\nprint(y)\n<end_of_code>"
+    st = steps.parse_step(norm)
+    assert st.ends_code and not st.is_answer and st.code.endswith("print(y)")
+    # generation stops there too
+    assert "<output>" in steps.GENERATION_STOPS
+    assert steps.normalize_candidate("\nprint(1)\n<output>", False).endswith("print(1)\n<end_of_code>")
