@@ -140,9 +140,15 @@ def train_policy(base_dir: str | Path, examples: Sequence[SFTExample], out_dir: 
 
     def forward(m, idx: list[int]) -> torch.Tensor:
         ids, labels, mask = _collate([rows[i] for i in idx], pad, dist.device)
-        logits = m(input_ids=ids, attention_mask=mask).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        targets = labels[:, 1:]
+        keep = targets != -100
+        if dist.world == 1:
+            # the LM head only where a loss is taken: the vocabulary projection dominates small models
+            hidden = m.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            logits = m.get_output_embeddings()(hidden[keep])
+        else:  # DDP must see its own forward
+            logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     digest = training.digest_rows([[r["input_ids"], r["labels"]] for r in rows])
     fp = cfg.fingerprint(digest, {"base": str(base_dir), "markers": markers, "kind": "sft"})
