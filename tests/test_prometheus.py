@@ -371,3 +371,13 @@ def test_real_prometheus_scrapes_services_and_loads_rules(tmp_path, sandbox_serv
         if prom is not None:
             stop(prom)
         stop(exporter)
+
+
+def test_docs_catalogue_lists_every_metric():
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    listed = set(re.findall(r"^\| `(rstar_[a-z0-9_]+)` \|", doc, re.M))
+    want = set()
+    for name, family in catalogue().items():
+        (d,) = family.describe()
+        want.add(name + "_total" if d.type == "counter" else name)
+    assert listed == want, f"missing: {sorted(want - listed)}; stale: {sorted(listed - want)}"
