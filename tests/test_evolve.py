@@ -145,3 +145,15 @@ def test_config_and_stage_errors(tmp_path):
     with pytest.raises(evolve.StageError, match="no evaluation summary"):
         evolve.run_stage(ctx, "promote", 1)
     assert set(evolve.STAGES) == set(__import__("trainer.controller", fromlist=["STAGES"]).STAGES)
+
+
+def test_evolve_cli_argument_errors(tmp_path, capsys, monkeypatch):
+    from rstar.cli import main
+
+    monkeypatch.setenv("RSTAR_HOME", str(tmp_path))
+    assert main(["evolve"]) == 2
+    assert main(["evolve", "--stage", "eval"]) == 2
+    assert main(["evolve", "--stage", "promote", "--round", "1", "--store-url", str(tmp_path / "s")]) == 1
+    assert main(["evolve", "--rounds", "1", "--bootstrap", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds N" in err and "no evaluation summary" in err and "bootstrap must be one of" in err

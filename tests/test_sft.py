@@ -107,3 +107,17 @@ def test_index_stream_is_seeded_and_covers_epochs():
     assert len(a) == 10 and sorted(a) == sorted(list(range(5)) * 2)
     assert a == training.index_stream(5, 2, seed=1) != training.index_stream(5, 2, seed=2)
     assert len(training.index_stream(4, 0.5, 0)) == 2
+
+
+@pytest.mark.timeout(300)
+def test_lora_option_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_model_dir):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    cfg = training.TrainConfig(lr=1e-3, epochs=0, max_steps=2, batch_size=2, micro_batch=2, warmup_ratio=0,
+                               checkpoint_every=0, progress=False, lora_r=4, lora_alpha=8)
+    out = tmp_path / "lora"
+    report = sft.train_policy(tiny_model_dir, EXAMPLES, out, cfg, markers="added")
+    assert report["steps"] == 2 and len(report["markers_added"]) == len(stepfmt.SPECIAL_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(out)            # a plain HF model: adapters merged
+    assert not any("lora" in n for n, _ in model.named_parameters())
