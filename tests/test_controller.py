@@ -147,7 +147,7 @@ def test_job_specs_validate_against_kubernetes_schemas(task):
 
 
 def test_job_spec_contents():
-    c = cfg(gpus_per_job=2, gpu_image="rstar-vllm:0.1.0", image="rstar-slim:0.1.0",
+    c = cfg(gpus_per_job=2, image="rstar-vllm:0.1.0",
             gpu_node_selector='{"pool": "gpu"}', gpu_tolerations='[{"key": "gpu", "operator": "Exists"}]')
     shard = ctl.build_job(c, "ns1", 4, Task("synthesis", 2), 1)
     assert shard["metadata"]["name"] == "rstar-r4-synthesis-2-a1"
@@ -156,7 +156,7 @@ def test_job_spec_contents():
     (box,) = pod["containers"]
     assert box["command"] == ["rstar", "evolve", "--stage", "synthesis", "--round", "4", "--shard", "2",
                               "--shards", "3"]
-    assert box["image"] == "rstar-slim:0.1.0"
+    assert box["image"] == "rstar-vllm:0.1.0"
     assert "nvidia.com/gpu" not in box["resources"]["limits"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert shard["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"

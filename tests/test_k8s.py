@@ -310,13 +310,21 @@ def test_sandbox_has_no_egress_and_admits_only_search(overlay):
         assert peers, "an ingress rule without `from` admits everyone"
         if 50053 in ports:
             assert ports == {50053}
-            assert all("namespaceSelector" not in p and p["podSelector"]["matchLabels"].items() <= search_labels.items()
-                       for p in peers)
+            clients = [search_labels, _stage_pod_labels()]
+            for p in peers:
+                assert "namespaceSelector" not in p and "ipBlock" not in p
+                assert any(p["podSelector"]["matchLabels"].items() <= c.items() for c in clients), p
         else:
             assert ports == {9103}
             assert all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"} for p in peers)
     pod = one(overlay, "Deployment", "sandbox")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+
+
+def _stage_pod_labels() -> dict:
+    from trainer import controller as ctl
+
+    return ctl.job_labels(1, ctl.Task("synthesis", 0), 1)
 
 
 def test_model_services_admit_grpc_only_from_search(overlay):
@@ -325,7 +333,13 @@ def test_model_services_admit_grpc_only_from_search(overlay):
         assert _selects(np, one(overlay, "Deployment", svc)["spec"]["template"]["metadata"]["labels"])
     assert not _selects(np, one(overlay, "Deployment", "search")["spec"]["template"]["metadata"]["labels"])
     grpc_rule = [r for r in np["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {50051, 50052}]
-    assert grpc_rule and grpc_rule[0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "search"}}}]
+    assert grpc_rule and grpc_rule[0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "search"}}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rstar-evolution"}}}]
+    # that label is the one the controller puts on its stage pods, and no other workload carries it
+    assert _stage_pod_labels()["app.kubernetes.io/name"] == "rstar-evolution"
+    for what, meta, _pod in pod_templates(overlay):
+        assert meta.get("labels", {}).get("app.kubernetes.io/name") != "rstar-evolution", what
 
 
 # --------------------------------------------------------------------------- evolution CronJob and RBAC
@@ -390,7 +404,7 @@ def test_controller_config_matches_overlay_and_builds_valid_jobs(overlay):
     cfg = build(ctl.ControllerConfig, "EVOLUTION", env=data)
     slim = container_of(overlay, "search")["image"]
     engine = container_of(overlay, "policy")["image"]
-    assert cfg.image == slim and cfg.gpu_image == engine
+    assert cfg.image == engine  # stage Jobs load models
     cj = one(overlay, "CronJob", "rstar-evolution")
     assert cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"] == slim
     assert cfg.env_configmap == "rstar-config" and cfg.env_secret == "rstar-s3"
@@ -411,6 +425,12 @@ def _config_classes():
     from trainer.controller import ControllerConfig
 
     out = {"S3": S3Config, "EVOLUTION": ControllerConfig}
+    try:
+        from trainer.evolve import EvolveConfig
+
+        out["EVOLVE"] = EvolveConfig
+    except ImportError:
+        pass
     for svc in SERVICES:
         try:
             mod = importlib.import_module(f"{svc}_svc.config")

@@ -1,7 +1,7 @@
 """Evolution-round controller: runs one self-evolution round as Kubernetes Jobs.
 
 A round is five stages run in order: ``synthesis`` (N shards in parallel, CPU
-clients of the search service's synthesis mode) -> ``train-policy`` ->
+MCTS with the served policy/PPM and the sandbox service) -> ``train-policy`` ->
 ``train-ppm`` -> ``eval`` (GPU stages) -> ``promote``. Each stage runs the
 command ``rstar evolve --stage <stage> --round <n>`` (synthesis shards add
 ``--shard i --shards N``) in a Job the controller creates; the controller
@@ -68,8 +68,7 @@ class ControllerConfig:
     round: str = field("auto", "Round to run: 'auto' (resume the running one or start the next) or a number")
     namespace: str = field("", "Namespace of the Jobs; empty: the pod's own namespace, else 'default'")
     store_url: str = field("", "Object store URL; empty: $RSTAR_STORE_URL, else the local default")
-    image: str = field("rstar-slim:0.1.0", "Image of the CPU stages (synthesis, promote)")
-    gpu_image: str = field("rstar-vllm-cpu:0.1.0", "Image of the training and evaluation stages")
+    image: str = field("rstar-vllm-cpu:0.1.0", "Image of the stage Jobs (the engine image: stages load models)")
     shards: int = field(4, "Synthesis shards (one Job each)")
     parallelism: int = field(4, "Synthesis shard Jobs running at once")
     max_attempts: int = field(3, "Attempts per task before the round fails")
@@ -197,7 +196,7 @@ def build_job(cfg: ControllerConfig, namespace: str, round_n: int, task: Task, a
     ]
     container: dict[str, Any] = {
         "name": "stage",
-        "image": cfg.gpu_image if gpu else cfg.image,
+        "image": cfg.image,
         "imagePullPolicy": "IfNotPresent",
         "command": stage_command(cfg, round_n, task),
         "env": env,
