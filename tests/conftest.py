@@ -39,9 +39,17 @@ def default_model_dir(test_home) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(test_home, default_model_dir) -> Path:
-    """A 2-layer Llama with the default tokenizer, fitted for a few seconds to solutions in the step
-    format (so it ends steps with the markers and writes runnable code): vLLM loads it in seconds.
-    Serve it with few-shot examples off (it was fitted without them)."""
+    """A randomly initialised 2-layer Llama with the default tokenizer: vLLM loads it in seconds."""
+    from rstar.models import make_tiny_model
+
+    return make_tiny_model(test_home / "cache" / "tiny-llama-h128", default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_format_model_dir(test_home, default_model_dir) -> Path:
+    """The tiny Llama fitted for a few seconds to solutions in the step format (so it ends steps
+    with the markers and writes runnable code), for the cross-service tests. Serve it with
+    few-shot examples off (it was fitted without them)."""
     from rstar import steps
     from rstar.models import make_tiny_model
 

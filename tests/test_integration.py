@@ -30,7 +30,8 @@ QUESTION = "Tom has 3 boxes with 12 apples each. How many apples does he have?"
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, tiny_model_dir):
+def services(tmp_path_factory, tiny_format_model_dir):
+    tiny_model_dir = tiny_format_model_dir
     home = tmp_path_factory.mktemp("home")
     eps = {}
     for name in ("policy", "ppm", "sandbox", "search"):
@@ -238,13 +239,27 @@ def test_cli_status_and_solve(services):
     assert "rollout 1/1" in out.stderr  # progress lines
 
 
-def test_hot_reload_under_load(services, tiny_model_dir):
-    """Promote a new version while requests run: no request fails, both services switch."""
+def _broken_copy(src, dst):
+    """A version whose files hash fine but cannot be loaded (unknown architecture)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["NoSuchModelForCausalLM"], "no-such-model"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_hot_reload_under_load(services, tiny_format_model_dir, tmp_path):
+    tiny_model_dir = tiny_format_model_dir
+    """Promote a new version while requests stream: no request fails, each service switches
+    exactly once; then promote a broken version: still no failures, the old one keeps serving."""
     import threading
 
     eps, _, home = services
-    reg = ModelRegistry(open_store(str(home / "store")), cache_dir=home / "cache" / "models")
-    errors, versions = [], set()
+    reg = ModelRegistry(open_store(str(home / "store")), cache_dir=tmp_path / "cache")
+    errors, seen = [], {"policy": [], "ppm": []}
     stop = threading.Event()
 
     def load():
@@ -255,10 +270,33 @@ def test_hot_reload_under_load(services, tiny_model_dir):
                 try:
                     r = policy.Generate(policy_pb2.GenerateRequest(
                         items=[item], sampling=policy_pb2.SamplingParams(max_tokens=4)), timeout=120)
+                    seen["policy"].append(r.model_version)
                     s = ppm.Score(ppm_pb2.ScoreRequest(prefixes=[item.prefix]), timeout=60)
-                    versions.add((r.model_version, s.model_version))
+                    seen["ppm"].append(s.model_version)
                 except grpc.RpcError as e:
                     errors.append(e)
+
+    def infos():
+        out = {}
+        for name, stub in (("policy", policy_pb2_grpc.PolicyServiceStub), ("ppm", ppm_pb2_grpc.PPMServiceStub)):
+            with _channel(eps, name) as ch:
+                out[name] = stub(ch).Info(common_pb2.InfoRequest(), timeout=10).models[0].version
+        return out
+
+    def wait_for(pred, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(1)
+        return False
+
+    def metric(name, outcome):
+        body = urllib.request.urlopen(eps[name].metrics_url, timeout=10).read().decode()
+        for ln in body.splitlines():
+            if ln.startswith("rstar_model_reloads_total{") and f'outcome="{outcome}"' in ln:
+                return float(ln.rsplit(" ", 1)[1])
+        return 0.0
 
     t = threading.Thread(target=load)
     t.start()
@@ -267,22 +305,22 @@ def test_hot_reload_under_load(services, tiny_model_dir):
         for name, version in (("policy", "tiny-v2"), ("ppm", "tiny-ppm-v2")):
             reg.publish(name, tiny_model_dir, version, metadata={"round": 1})
             reg.promote(name, version)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            infos = {}
-            for name, stub in (("policy", policy_pb2_grpc.PolicyServiceStub), ("ppm", ppm_pb2_grpc.PPMServiceStub)):
-                with _channel(eps, name) as ch:
-                    infos[name] = stub(ch).Info(common_pb2.InfoRequest(), timeout=10).models[0].version
-            if infos == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}:
-                break
-            time.sleep(1)
-        assert infos == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}
+        assert wait_for(lambda: infos() == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}), infos()
         time.sleep(2)
+        # a broken version: promoted (its hashes are fine) but it cannot load
+        broken = _broken_copy(tiny_model_dir, tmp_path / "broken")
+        for name in ("policy", "ppm"):
+            reg.publish(name, broken, f"{name}-broken", metadata={"round": 2})
+            reg.promote(name, f"{name}-broken")
+        assert wait_for(lambda: metric("policy", "failed") >= 1 and metric("ppm", "failed") >= 1)
+        time.sleep(2)
+        assert infos() == {"policy": "tiny-v2", "ppm": "tiny-ppm-v2"}
     finally:
         stop.set()
         t.join(timeout=180)
     assert not errors, [e.code() for e in errors]
-    assert ("tiny-v2", "tiny-ppm-v2") in versions
-    body = urllib.request.urlopen(eps["policy"].metrics_url, timeout=10).read().decode()
-    lines = [ln for ln in body.splitlines() if ln.startswith("rstar_model_reloads_total{")]
-    assert any('outcome="ok"' in ln and 'service="policy"' in ln and not ln.endswith(" 0.0") for ln in lines), lines
+    for name, new in (("policy", "tiny-v2"), ("ppm", "tiny-ppm-v2")):
+        versions = seen[name]
+        switches = sum(1 for a, b in zip(versions, versions[1:]) if a != b)
+        assert switches == 1 and versions[-1] == new and f"{name}-broken" not in versions, (name, set(versions))
+    assert metric("policy", "ok") >= 1 and metric("ppm", "ok") >= 1
