@@ -1,7 +1,7 @@
 """Print pinned requirements from pyproject.toml for one image flavour (used by docker/Dockerfile).
 
     python docker/requirements.py slim   # base deps without the ML stack (search, sandbox, controller)
-    python docker/requirements.py gpu    # base deps + the `gpu` extra, without torch (vllm pins its own)
+    python docker/requirements.py gpu    # base deps + the `gpu` extra (vllm and the torch it was built against)
 
 The list is derived from pyproject.toml at build time, so the images follow its
 pins; tests/test_k8s_images.py checks the result.
@@ -28,8 +28,8 @@ def requirements(flavour: str, pyproject: Path) -> list[str]:
     extras = project.get("optional-dependencies", {})
     if flavour == "slim":
         return [r for r in base if name_of(r) not in HEAVY]
-    if flavour == "gpu":  # vllm pins the torch it was built against; the base torch pin is the CPU one
-        return [r for r in base if name_of(r) != "torch"] + list(extras.get("gpu", []))
+    if flavour == "gpu":  # torch is pinned by the extra, to the version vllm was built against
+        return base + list(extras.get("gpu", []))
     if flavour == "cpu":
         return base + list(extras.get("cpu", []))
     raise SystemExit(f"unknown flavour {flavour!r} (slim, cpu, gpu)")

@@ -104,7 +104,8 @@ def test_requirement_sets_follow_pyproject():
     assert {"grpcio", "prometheus-client", "kubernetes", "minio"} <= {reqs.name_of(r) for r in slim}
     assert all("==" in r for r in slim), "every requirement pinned"
     gpu = reqs.requirements("gpu", ROOT / "pyproject.toml")
-    assert "torch" not in {reqs.name_of(r) for r in gpu}
+    assert "torch" not in {reqs.name_of(r) for r in base}, "torch is pinned per engine extra"
+    assert [r for r in gpu if reqs.name_of(r) == "torch"] == ["torch==2.14.0"]
     assert set(project["optional-dependencies"]["gpu"]) <= set(gpu)
     res = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"), "slim"],
                          capture_output=True, text=True, timeout=30)
