@@ -32,15 +32,15 @@ def test_bt_loss_is_weighted_and_prefers_the_positive():
 
 
 @pytest.mark.timeout(240)
-def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_model_dir):
+def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_format_model_dir):
     train = synthetic_pairs(96, seed=1)
     held_out = synthetic_pairs(40, seed=2)
-    before = ppm_train.pair_accuracy(tiny_model_dir, held_out)
+    before = ppm_train.pair_accuracy(tiny_format_model_dir, held_out)
     assert before < 0.8     # the task needs training: an untrained (or constant-loss) model fails the bar below
     cfg = training.TrainConfig(lr=1e-3, epochs=3, batch_size=16, micro_batch=16, warmup_ratio=0.0,
                                checkpoint_every=0, progress=False, max_length=256)
     out = tmp_path / "ppm"
-    report = ppm_train.train_ppm(tiny_model_dir, train, out, cfg)
+    report = ppm_train.train_ppm(tiny_format_model_dir, train, out, cfg)
     assert report["loss_last"] < report["loss_first"]
     acc = ppm_train.pair_accuracy(out, held_out)
     assert acc >= 0.9, f"held-out ranking accuracy {acc:.2f} (before training {before:.2f}), losses {report['losses']}"

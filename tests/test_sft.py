@@ -60,15 +60,15 @@ def test_marker_tokens_are_added_with_embeddings(tiny_model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_sft_memorises_a_trajectory(tmp_path, tiny_model_dir):
+def test_sft_memorises_a_trajectory(tmp_path, tiny_format_model_dir):
     """The loop really trains: after SFT, greedy decoding reproduces one of the trajectories exactly."""
-    before = evaluate.run_rollouts(evaluate.HFPolicy(tiny_model_dir, few_shot=False), InProcessExecutor(), [Q],
+    before = evaluate.run_rollouts(evaluate.HFPolicy(tiny_format_model_dir, few_shot=False), InProcessExecutor(), [Q],
                                    max_tokens=40, max_depth=5)[0]
     assert all(before.steps != list(e.steps) for e in EXAMPLES)
     cfg = training.TrainConfig(lr=1e-2, epochs=0, max_steps=50, batch_size=2, micro_batch=2, warmup_ratio=0.1,
                                checkpoint_every=0, progress=False)
     out = tmp_path / "policy"
-    report = sft.train_policy(tiny_model_dir, EXAMPLES, out, cfg, markers="none")
+    report = sft.train_policy(tiny_format_model_dir, EXAMPLES, out, cfg, markers="none")
     assert report["loss_last"] < 0.2 * report["loss_first"], report["losses"]
     info = json.loads((out / sft.MODEL_INFO).read_text())
     assert info["few_shot"] is False and info["kind"] == "policy"
