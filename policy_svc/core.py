@@ -9,6 +9,7 @@ in the batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -65,7 +66,8 @@ class PolicyEngine:
     def __init__(self, model_dir: str | Path, version: str, *, few_shot: bool = True, max_model_len: int = 4096,
                  kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, dtype: str = "bfloat16",
                  enforce_eager: bool = True, max_batch_sequences: int = 256):
-        self.few_shot = few_shot
+        self.default_few_shot = few_shot
+        self.few_shot = model_few_shot(model_dir, few_shot)
         self.max_batch_sequences = max_batch_sequences
         self.on_fatal = None  # called when the engine cannot serve any more (the service exits)
         self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
@@ -141,18 +143,18 @@ class PolicyEngine:
     def _run(self, jobs: list[_Job]) -> list[tuple[list[ItemResult], str]]:
         from vllm import SamplingParams
 
+        with self._lock:  # one consistent (model, version, prompt style) for the whole batch
+            llm, version, few_shot = self.llm, self.version, self.few_shot
         prompts, params = [], []
         for job in jobs:
             s = job.sampling
             for item in job.items:
-                prompts.append(self.render(item))
+                prompts.append(steps.render_prompt(item.question, item.steps, few_shot=few_shot))
                 params.append(SamplingParams(
                     n=item.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                     stop=list(s.stop), include_stop_str_in_output=True, seed=item.seed & 0x7FFFFFFF,
                     skip_special_tokens=False,
                 ))
-        with self._lock:
-            llm, version = self.llm, self.version
         metrics.POLICY_BATCH_PREFIXES.observe(len(prompts))
         outputs = llm.generate(prompts, params, use_tqdm=False)
         out_iter = iter(outputs)
@@ -173,14 +175,31 @@ class PolicyEngine:
     def swap(self, model_dir: str | Path, version: str) -> None:
         """Hot reload: load the new model beside the old one, then switch atomically."""
         llm, tok = self._load(model_dir)
+        few_shot = model_few_shot(model_dir, self.default_few_shot)
         with self._lock:
             old = self.llm
             self.llm, self.tokenizer, self.version, self.model_dir = llm, tok, version, str(model_dir)
+            self.few_shot = few_shot
         del old
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
+
+
+def model_few_shot(model_dir: str | Path, default: bool) -> bool:
+    """A fine-tuned version says in `rstar_model.json` whether it needs the few-shot prompt."""
+    meta = Path(model_dir) / "rstar_model.json"
+    if meta.is_file():
+        try:
+            value = json.loads(meta.read_text()).get("few_shot")
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable %s: %s", meta, e)
+            return default
+        if isinstance(value, bool):
+            log.info("%s: few_shot=%s (from rstar_model.json)", model_dir, value)
+            return value
+    return default
 
 
 def _has_gpu() -> bool:

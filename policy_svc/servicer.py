@@ -70,5 +70,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def Info(self, request, context):
         engine = self.engine
         models = [common_pb2.ModelVersion(name="policy", version=engine.version)] if engine else []
-        details = {"model_dir": engine.model_dir if engine else "", "few_shot": str(self.config.few_shot)}
+        details = {"model_dir": engine.model_dir if engine else "",
+                   "few_shot": str(engine.few_shot if engine else self.config.few_shot)}
         return common_pb2.InfoResponse(service="policy", models=models, ready=engine is not None, details=details)

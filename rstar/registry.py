@@ -370,12 +370,16 @@ class ModelRegistry:
         stack = self._promotion_stack(name)
         if current in stack:
             _trim_after_last(stack, current)
-        else:  # lost race: use what the record that set this pointer says came before
-            recs = [r for r in self.history(name) if r.get("version") == current]
-            stack = [recs[-1]["previous"], current] if recs and recs[-1].get("previous") else []
-        if len(stack) < 2:
+        else:  # lost race: use what the records that set this pointer say came before
+            recs = [r for r in self.history(name) if r.get("version") == current
+                    and r.get("previous") and r.get("previous") != current]
+            stack = [recs[-1]["previous"], current] if recs else []
+        # a concurrent promoter may have re-promoted the version that was already CURRENT:
+        # roll back to the nearest earlier version that differs from it
+        earlier = [v for v in reversed(stack[:-1]) if v != current]
+        if not earlier:
             raise RegistryError(f"model {name!r}: no earlier promoted version to roll back to from {current!r}")
-        target = stack[-2]
+        target = earlier[0]
         self.verify(name, target, deep=deep)
         return self._record(name, "rollback", target, current, reason)
 
