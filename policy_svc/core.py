@@ -65,14 +65,16 @@ class PolicyEngine:
 
     def __init__(self, model_dir: str | Path, version: str, *, few_shot: bool = True, max_model_len: int = 4096,
                  kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, dtype: str = "bfloat16",
-                 enforce_eager: bool = True, max_batch_sequences: int = 256):
+                 enforce_eager: bool = True, max_batch_sequences: int = 256, chunked_prefill: bool = False,
+                 max_batched_tokens: int = 16384):
         self.default_few_shot = few_shot
         self.few_shot = model_few_shot(model_dir, few_shot)
         self.max_batch_sequences = max_batch_sequences
         self.on_fatal = None  # called when the engine cannot serve any more (the service exits)
         self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                                 enforce_eager=enforce_eager)
+                                 enforce_eager=enforce_eager, chunked_prefill=chunked_prefill,
+                                 max_batched_tokens=max(max_batched_tokens, max_model_len))
         self._lock = threading.Lock()  # guards (llm, version) swaps
         self.llm, self.tokenizer = self._load(model_dir)
         self.version = version
@@ -89,7 +91,8 @@ class PolicyEngine:
         start = time.monotonic()
         log.info("loading policy model %s with vLLM", model_dir)
         kwargs = dict(model=str(model_dir), dtype=a["dtype"], max_model_len=a["max_model_len"],
-                      enable_prefix_caching=True, enforce_eager=a["enforce_eager"], seed=0)
+                      enable_prefix_caching=True, enforce_eager=a["enforce_eager"], seed=0,
+                      enable_chunked_prefill=a["chunked_prefill"], max_num_batched_tokens=a["max_batched_tokens"])
         if _has_gpu():
             kwargs["gpu_memory_utilization"] = a["gpu_memory_utilization"]
         llm = LLM(**kwargs)

@@ -46,6 +46,7 @@ def main(argv=None) -> int:
             model_dir, version, few_shot=config.few_shot, max_model_len=config.max_model_len,
             kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
             dtype=config.dtype, enforce_eager=config.enforce_eager, max_batch_sequences=config.max_batch_sequences,
+            chunked_prefill=config.chunked_prefill, max_batched_tokens=config.max_batched_tokens,
         )
         servicer.engine.on_fatal = _fatal
         metrics.MODEL_INFO.labels("policy", "policy", version).set(1)

