@@ -35,8 +35,10 @@ def main(argv=None) -> int:
     if config.metrics_port >= 0:
         metrics.start_metrics_server(config.metrics_port)
     handle, servicer = create_server(config)
+    source = None
 
     def load():
+        nonlocal source
         from rstar.modelsource import ModelSource
         from policy_svc.core import PolicyEngine
 
@@ -49,10 +51,12 @@ def main(argv=None) -> int:
             chunked_prefill=config.chunked_prefill, max_batched_tokens=config.max_batched_tokens,
         )
         servicer.engine.on_fatal = _fatal
-        metrics.MODEL_INFO.labels("policy", "policy", version).set(1)
-        source.watch(config.reload_interval, lambda d, v: _reload(servicer, d, v))
+        source.mark_serving(version)
+        source.watch(config.reload_interval, servicer.engine.swap)
 
     def stop():
+        if source is not None:
+            source.stop()
         if servicer.engine is not None:
             servicer.engine.close()
 
@@ -67,13 +71,6 @@ def _fatal(reason: str) -> None:
 
     log.critical("%s; shutting down", reason)
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _reload(servicer: PolicyServicer, model_dir, version: str) -> None:
-    old = servicer.engine.version
-    servicer.engine.swap(model_dir, version)
-    metrics.MODEL_INFO.labels("policy", "policy", old).set(0)
-    metrics.MODEL_INFO.labels("policy", "policy", version).set(1)
 
 
 if __name__ == "__main__":

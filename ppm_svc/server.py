@@ -49,8 +49,8 @@ def main(argv=None) -> int:
         source = ModelSource("ppm", config.model, config.model_version, config.store_url)
         model_dir, version = source.resolve()
         servicer.scorer = PPMScorer(model_dir, version, config.head_seed, config.batch_size, config.max_length)
-        metrics.MODEL_INFO.labels("ppm", "ppm", version).set(1)
-        source.watch(config.reload_interval, lambda d, v: _reload(servicer, d, v))
+        source.mark_serving(version)
+        source.watch(config.reload_interval, servicer.scorer.swap)
 
     def stop():
         if source is not None:
@@ -58,13 +58,6 @@ def main(argv=None) -> int:
 
     serve(handle, load=load, on_stop=stop)
     return 0
-
-
-def _reload(servicer: PPMServicer, model_dir, version: str) -> None:
-    old = servicer.scorer.version
-    servicer.scorer.swap(model_dir, version)
-    metrics.MODEL_INFO.labels("ppm", "ppm", old).set(0)
-    metrics.MODEL_INFO.labels("ppm", "ppm", version).set(1)
 
 
 if __name__ == "__main__":

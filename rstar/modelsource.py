@@ -25,6 +25,7 @@ class ModelSource:
         self.store_url = store_url
         self._watcher = None
         self._registry = None
+        self._serving: str | None = None  # the version rstar_model_info marks as served
 
     def resolve(self) -> tuple[Path, str]:
         if self.store_url:
@@ -60,14 +61,27 @@ class ModelSource:
         self.version = current
         return Path(reg.fetch(self.name, current)), current
 
-    def watch(self, interval: float, on_new: Callable[[Path, str], None]) -> None:
-        """Poll the registry's CURRENT and call `on_new(dir, version)` when it moves (hot reload)."""
+    def mark_serving(self, version: str) -> None:
+        """Point `rstar_model_info{service,model}` at `version` (and away from the previous one)."""
+        from rstar import metrics
+
+        if self._serving is not None and self._serving != version:
+            metrics.MODEL_INFO.labels(self.name, self.name, self._serving).set(0)
+        metrics.MODEL_INFO.labels(self.name, self.name, version).set(1)
+        self._serving = version
+
+    def watch(self, interval: float, swap: Callable[[Path, str], None]) -> None:
+        """Poll the registry's CURRENT and call `swap(dir, version)` when it moves (hot reload);
+        once `swap` returns, the new version is marked as served."""
         if not self.store_url or interval <= 0:
             return
         from rstar.reload import ModelWatcher
 
-        self._watcher = ModelWatcher(self.registry(), self.name, lambda v, d: on_new(Path(d), v),
-                                     service=self.name, interval_s=interval)
+        def load(version: str, local_dir) -> None:
+            swap(Path(local_dir), version)
+            self.mark_serving(version)
+
+        self._watcher = ModelWatcher(self.registry(), self.name, load, service=self.name, interval_s=interval)
         self._watcher.version = self.version  # already serving it
         self._watcher.start()
         log.info("%s: following %s/models/%s/CURRENT every %.0f s", self.name, self.store_url, self.name, interval)
