@@ -20,7 +20,7 @@ class PolicyConfig:
     max_model_len: int = field(4096, "context length given to vLLM")
     kv_cache_gib: int = field(2, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU")
     gpu_memory_utilization: float = field(0.85, "fraction of GPU memory vLLM may use (GPU only)")
-    dtype: str = field("bfloat16", "model dtype for vLLM")
+    dtype: str = field("auto", "model dtype for vLLM (auto = bfloat16 on a GPU or a CPU with native bf16, else float32)")
     chunked_prefill: bool = field(False, "let vLLM split long prefills across steps (off: vllm-cpu 0.32 kills the "
                                   "engine when a seeded request's prefill is chunked, 'CPU Generator does not use offset')")
     max_batched_tokens: int = field(16384, "tokens scheduled per engine step (at least max_model_len)")

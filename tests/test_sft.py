@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_sft_memorises_a_trajectory(tmp_path, tiny_format_model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_checkpoint_resume_continues_where_it_stopped(tmp_path, tiny_model_dir):
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path, tiny_model_dir, caplog):
     cfg = training.TrainConfig(lr=1e-3, epochs=0, max_steps=4, batch_size=2, micro_batch=1, warmup_ratio=0,
                                checkpoint_every=2, progress=False)
     out, work = tmp_path / "p", tmp_path / "work"
@@ -92,8 +93,13 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path, tiny_model_dir):
     with pytest.raises(training.StopTraining):
         sft.train_policy(tiny_model_dir, EXAMPLES, out, cfg, work_dir=work, markers="none", on_step=crash)
     assert (work / training.CHECKPOINT).is_file() and not out.exists()
+    caplog.set_level(logging.INFO, logger="trainer.training")
     report = sft.train_policy(tiny_model_dir, EXAMPLES, out, cfg, work_dir=work, markers="none")
     assert report["resumed_from"] == 2 and len(report["losses"]) == 2
+    # without a progress bar the loop logs its progress (resumed steps only)
+    steps_logged = [r.getMessage() for r in caplog.records if " loss " in r.getMessage()]
+    assert any("step 3/4" in m for m in steps_logged) and any("step 4/4" in m for m in steps_logged)
+    assert not any("step 2/4" in m for m in steps_logged)
     assert (out / "config.json").is_file() and not (work / training.CHECKPOINT).exists()
     # different data: the checkpoint is not reused
     with pytest.raises(training.StopTraining):

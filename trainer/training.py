@@ -177,6 +177,7 @@ def train_loop(model: torch.nn.Module, n_examples: int, *, cfg: TrainConfig, dis
 
         bar = tqdm(total=steps_total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
     history: list[float] = []
+    log_every = max(1, steps_total // 20)
     t0 = time.monotonic()
     seen_ex = seen_tok = 0
     model.train()
@@ -205,11 +206,16 @@ def train_loop(model: torch.nn.Module, n_examples: int, *, cfg: TrainConfig, dis
         history.append(step_loss)
         seen_ex += len(batch)
         seen_tok += sum(tokens_of(i) for i in batch)
+        done = step + 1
+        dt = max(1e-6, time.monotonic() - t0)
         if bar is not None:
-            dt = max(1e-6, time.monotonic() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{seen_ex / dt:.2f}", tok_s=f"{seen_tok / dt:.0f}")
             bar.update(1)
-        done = step + 1
+        elif dist.main and (done == steps_total or done - start_step in (1, 2, 5) or done % log_every == 0):
+            # no bar (logs to a file, a Job): a progress line now and then, with the same numbers
+            log.info("%s: step %d/%d loss %.4f, %.2f examples/s, %.0f tokens/s, eta %.0f s", desc, done,
+                     steps_total, step_loss, seen_ex / dt, seen_tok / dt,
+                     dt / (done - start_step) * (steps_total - done))
         if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0) and done < steps_total:
             if dist.main:
                 _atomic_torch_save({"fingerprint": fingerprint, "step": done, "model": model.state_dict(),
