@@ -63,6 +63,20 @@ def test_greedy_rollouts_follow_the_step_loop():
     assert ok.steps == [S1, S2, "\n<output>5<end_of_output>", ANS5] and ok.answer == "5" and ok.format_ok
     assert bad.answer == "7" and bad.format_ok
     assert fail.failure == "exec:error" and fail.answer is None and not fail.format_ok
+    # the system-written output step is not counted as the policy's
+    assert (ok.generated, ok.well_formed) == (3, 3) and (fail.generated, fail.well_formed) == (1, 1)
+
+
+def test_step_format_rate_counts_a_step_with_no_stop_string_as_malformed():
+    ramble = "Which is 5. Which is 5. Which is 5."
+    pol = QuestionPolicy({Q_OK: {(): [(S1, 1.0)], (S1,): [(ramble, 1.0)]}})
+    report = evaluate.evaluate([{"id": "a", "problem": Q_OK, "answer": "5"}], pol, InProcessExecutor(),
+                               evaluate.EvalConfig(greedy=True))
+    g = report["greedy"]
+    assert g["per_problem"][0]["failure"] in ("incomplete", "length")
+    assert (g["per_problem"][0]["generated_steps"], g["per_problem"][0]["well_formed_steps"]) == (2, 1)
+    assert g["step_format_rate"] == pytest.approx(0.5) and g["format_rate"] == 0
+    assert evaluate.summary(report)["step_format_rate"] == pytest.approx(0.5)
 
 
 def test_evaluate_report_majority_curve_and_plot(tmp_path):

@@ -134,6 +134,8 @@ class Rollout:
     failure: str = ""
     done: bool = False
     tokens: int = 0
+    generated: int = 0      # steps the policy wrote (system-written output steps not counted)
+    well_formed: int = 0    # of those, steps that ended with a stop string and parse as a complete step
 
     @property
     def format_ok(self) -> bool:
@@ -162,6 +164,8 @@ def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: flo
             r.tokens += c.num_tokens
             text = stepfmt.normalize_candidate(c.text, is_first=not r.steps)
             parsed = stepfmt.parse_step(text)
+            r.generated += 1
+            r.well_formed += int(parsed.complete and c.finish_reason != "length")
             if parsed.is_answer:
                 r.steps.append(text)
                 r.answer, r.done = parsed.answer, True
@@ -261,12 +265,15 @@ def evaluate(problems: Sequence[dict[str, Any]], policy, executor, cfg: EvalConf
             graders[how] += 1
             rows.append({"id": p.get("id"), "gold": g, "answer": r.answer, "correct": ok, "format_ok": r.format_ok,
                          "failure": r.failure, "steps": len(r.steps), "tokens": r.tokens,
+                         "generated_steps": r.generated, "well_formed_steps": r.well_formed,
                          "trajectory": "".join(r.steps)})
         n = max(1, len(rows))
         report["greedy"] = {
             "accuracy": sum(r["correct"] for r in rows) / n,
             "format_rate": sum(r["format_ok"] for r in rows) / n,
             "answered_rate": sum(r["answer"] is not None for r in rows) / n,
+            # share of the steps the policy wrote that are well-formed (ended with a stop string)
+            "step_format_rate": sum(r.well_formed for r in rs) / max(1, sum(r.generated for r in rs)),
             "failures": dict(Counter(r["failure"] or "none" for r in rows)),
             "tokens": sum(r["tokens"] for r in rows), "seconds": round(time.monotonic() - t, 1),
             "per_problem": rows,
@@ -311,6 +318,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     if "greedy" in report:
         out["greedy_accuracy"] = report["greedy"]["accuracy"]
         out["format_rate"] = report["greedy"]["format_rate"]
+        if "step_format_rate" in report["greedy"]:
+            out["step_format_rate"] = report["greedy"]["step_format_rate"]
     if "majority" in report:
         out[f"maj@{report['majority']['samples']}"] = report["majority"]["accuracy"]
     for n, r in (report.get("mcts") or {}).items():
