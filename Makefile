@@ -11,7 +11,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(PY) -m rstar.cli demo
+	$(PY) -m rstar_cli.main demo
 
 test: setup
 	./scripts/test.sh

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sandbox_svc.config import SandboxConfig  # noqa: E402
-from sandbox_svc.core import Sandbox  # noqa: E402
-from sandbox_svc.isolation import LAYERS  # noqa: E402
+from rstar.sandbox.config import SandboxConfig  # noqa: E402
+from rstar.sandbox.pool import Sandbox  # noqa: E402
+from rstar.sandbox.isolation import LAYERS  # noqa: E402
 
 STEP_PROGRAM = """\
 from sympy import symbols, solve, Rational, simplify

@@ -29,15 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search_svc.core import SearchCore, SearchOptions, SynthesisProblem  # noqa: E402
-from search_svc.engine import Stats  # noqa: E402
-from search_svc.fakes import HashScorer, InProcessExecutor, SimulatedLatency, WalkPolicy  # noqa: E402
-from search_svc.mcts import PPM_AUGMENTED  # noqa: E402
+from rstar.search.core import SearchCore, SearchOptions, SynthesisProblem  # noqa: E402
+from rstar.search.engine import Stats  # noqa: E402
+from rstar_testing.fakes import HashScorer, InProcessExecutor, SimulatedLatency, WalkPolicy  # noqa: E402
+from rstar.search.mcts import PPM_AUGMENTED  # noqa: E402
 
 
 def services(args):
     if args.policy:
-        from search_svc.clients import PolicyClient, PPMClient, SandboxClient
+        from rstar.clients import PolicyClient, PPMClient, SandboxClient
 
         return PolicyClient(args.policy), PPMClient(args.ppm), SandboxClient(args.sandbox)
     s = args.time_scale

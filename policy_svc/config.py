@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rstar.config import ConfigError, field
+from rstar.services import SERVICES
 
 
 @dataclass
 class PolicyConfig:
     host: str = field("127.0.0.1", "address to bind")
-    port: int = field(50051, "gRPC port (0 = any free port)")
-    metrics_port: int = field(9101, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
+    port: int = field(SERVICES["policy"].port, "gRPC port (0 = any free port)")
+    metrics_port: int = field(SERVICES["policy"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
     model: str = field("default", "HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
     model_version: str = field("", "version label reported to clients (default: derived from the model)")
     store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/policy/CURRENT")

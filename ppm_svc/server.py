@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     def load():
         nonlocal source
         from rstar.modelsource import ModelSource
-        from ppm_svc.core import PPMScorer
+        from rstar.ppm import PPMScorer
 
         source = ModelSource("ppm", config.model, config.model_version, config.store_url)
         model_dir, version = source.resolve()

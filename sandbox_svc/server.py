@@ -10,8 +10,8 @@ from rstar.config import parse
 from rstar.server import ServerHandle, create_grpc_server, serve, setup_logging
 from rstar.v1 import sandbox_pb2, sandbox_pb2_grpc
 
-from sandbox_svc.config import SandboxConfig
-from sandbox_svc.core import Sandbox, SandboxError
+from rstar.sandbox.config import SandboxConfig
+from rstar.sandbox.pool import Sandbox, SandboxError
 from sandbox_svc.servicer import SandboxServicer
 
 log = logging.getLogger("sandbox_svc")

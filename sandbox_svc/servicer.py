@@ -9,7 +9,7 @@ import grpc
 from rstar.server import ServiceError, exhausted, unavailable
 from rstar.v1 import common_pb2, sandbox_pb2, sandbox_pb2_grpc
 
-from sandbox_svc.core import QueueFull, Sandbox, SandboxUnavailable
+from rstar.sandbox.pool import QueueFull, Sandbox, SandboxUnavailable
 
 FAILURE_TO_PROTO = {
     "ok": sandbox_pb2.OK,

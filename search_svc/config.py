@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rstar.config import ConfigError, field
+from rstar.services import SERVICES
 
 
 @dataclass
 class SearchConfig:
     # --- serving ---
     host: str = field("127.0.0.1", "address to bind the gRPC server to")
-    port: int = field(50054, "gRPC port (0 picks a free one)")
-    metrics_port: int = field(9104, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    port: int = field(SERVICES["search"].port, "gRPC port (0 picks a free one)")
+    metrics_port: int = field(SERVICES["search"].metrics_port, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
     log_level: str = field("INFO", "logging level")
     max_workers: int = field(32, "gRPC handler threads")
     # --- downstream services ---

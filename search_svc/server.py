@@ -15,9 +15,9 @@ from rstar import metrics
 from rstar.config import parse
 from rstar.server import ServerHandle, create_grpc_server, serve, setup_logging
 from rstar.v1 import search_pb2, search_pb2_grpc
-from search_svc.clients import PolicyClient, PPMClient, SandboxClient, wait_ready
+from rstar.clients import PolicyClient, PPMClient, SandboxClient, wait_ready
 from search_svc.config import SearchConfig
-from search_svc.core import Admission, SearchCore
+from rstar.search.core import Admission, SearchCore
 from search_svc.servicer import SearchServicer
 
 log = logging.getLogger("search_svc")

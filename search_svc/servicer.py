@@ -21,13 +21,13 @@ import grpc
 from rstar import metrics
 from rstar.server import ServiceError, exhausted, invalid
 from rstar.v1 import common_pb2, search_pb2, search_pb2_grpc
-from search_svc import selection
-from search_svc.clients import DownstreamError
+from rstar.search import selection
+from rstar.clients import DownstreamError
 from search_svc.config import SearchConfig
-from search_svc.core import Busy, SearchCore, SearchOptions, SynthesisProblem
-from search_svc.engine import CallScope, Cancelled, DeadlineExceeded, Progress, Stats
-from search_svc.mcts import PPM_AUGMENTED, TERMINAL_GUIDED
-from search_svc.trajectories import _SHARD_NAME
+from rstar.search.core import Busy, SearchCore, SearchOptions, SynthesisProblem
+from rstar.search.engine import CallScope, Cancelled, DeadlineExceeded, Progress, Stats
+from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED
+from rstar.trees import _SHARD_NAME
 
 log = logging.getLogger(__name__)
 

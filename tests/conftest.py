@@ -40,7 +40,7 @@ def default_model_dir(test_home) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(test_home, default_model_dir) -> Path:
     """A randomly initialised 2-layer Llama with the default tokenizer: vLLM loads it in seconds."""
-    from rstar.models import make_tiny_model
+    from rstar_testing.tinymodel import make_tiny_model
 
     return make_tiny_model(test_home / "cache" / "tiny-llama-h128", default_model_dir)
 
@@ -51,7 +51,7 @@ def tiny_format_model_dir(test_home, default_model_dir) -> Path:
     with the markers and writes runnable code), for the cross-service tests. Serve it with
     few-shot examples off (it was fitted without them)."""
     from rstar import steps
-    from rstar.models import make_tiny_model
+    from rstar_testing.tinymodel import make_tiny_model
 
     texts = [steps.render_prompt(q, [], few_shot=False) + "".join(s)[len(steps.CODE_START) + 1:]
              for q, s in TINY_SOLUTIONS]

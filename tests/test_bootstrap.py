@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rstar import steps as stepfmt
-from search_svc.mcts import GenerationItem, SamplingParams
+from rstar.search.mcts import GenerationItem, SamplingParams
 from trainer import bootstrap, data
 
 NATALIA = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -52,7 +52,7 @@ class _Exec:
         self.outputs = outputs
 
     def execute(self, programs, scope=None):
-        from search_svc.mcts import ExecResult
+        from rstar.search.mcts import ExecResult
 
         return [ExecResult(stdout=o, failure=f) for o, f in self.outputs[:len(programs)]]
 
@@ -81,7 +81,7 @@ def test_gsm8k_rows_verified_in_the_sandbox_become_sft_trees():
     c, out = ok[0]
     assert examples[0].steps == c.trajectory(out)
     # the stored tree is in the trajectory-store schema
-    from search_svc import trajectories as traj
+    from rstar import trees as traj
 
     assert traj.check_tree(trees[0]) and traj.prefix_steps(trees[0], len(trees[0]["nodes"]) - 1) == list(c.trajectory(out))
 

@@ -27,7 +27,7 @@ def test_demo_solves_through_the_four_services(tmp_path, default_model_dir):
         base = free_port()
     env = dict(os.environ, RSTAR_HOME=str(home))
     out = subprocess.run(
-        [sys.executable, "-m", "rstar.cli", "demo", "What is 12 times 3?", "--base-port", str(base),
+        [sys.executable, "-m", "rstar_cli.main", "demo", "What is 12 times 3?", "--base-port", str(base),
          "--rollouts", "2", "-k", "2", "--max-depth", "4", "--seed", "1", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from search_svc.fakes import InProcessExecutor, ScriptedPolicy
+from rstar_testing.fakes import InProcessExecutor, ScriptedPolicy
 from trainer import evaluate
 
 Q_OK, Q_BAD, Q_FAIL = "What is 2 + 3?", "What is 4 + 4?", "Divide 1 by 0."
@@ -106,7 +106,7 @@ def test_mcts_needs_a_search_address():
 
 @pytest.mark.timeout(180)
 def test_rstar_eval_cli_with_the_tiny_model(tmp_path, tiny_model_dir, capsys):
-    from rstar.cli import main
+    from trainer.cli import main
 
     ds = tmp_path / "dev.jsonl"
     ds.write_text("".join(json.dumps({"id": str(i), "problem": q, "answer": a}) + "\n"

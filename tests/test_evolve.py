@@ -8,7 +8,7 @@ import pytest
 
 from rstar.registry import ModelRegistry
 from rstar.store import open_store
-from search_svc import trajectories as traj
+from rstar import trees as traj
 from trainer import evolve, publish
 
 SOLVED = [
@@ -148,7 +148,7 @@ def test_config_and_stage_errors(tmp_path):
 
 
 def test_evolve_cli_argument_errors(tmp_path, capsys, monkeypatch):
-    from rstar.cli import main
+    from trainer.cli import main
 
     monkeypatch.setenv("RSTAR_HOME", str(tmp_path))
     assert main(["evolve"]) == 2

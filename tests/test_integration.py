@@ -17,7 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from rstar import cli, steps
+from rstar import steps
+from rstar_cli import main as cli
 from rstar.registry import ModelRegistry, register_base_version
 from rstar.store import open_store
 from rstar.v1 import common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2, \
@@ -233,11 +234,11 @@ def test_cli_status_and_solve(services):
     import sys
 
     addr = [f"--{n}-address={eps[n].address}" for n in eps]
-    out = subprocess.run([sys.executable, "-m", "rstar.cli", "status", *addr], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "rstar_cli.main", "status", *addr], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "policy=tiny" in out.stdout and out.stdout.count("SERVING") == 4
-    out = subprocess.run([sys.executable, "-m", "rstar.cli", "solve", QUESTION, "--rollouts", "1", "-k", "1",
+    out = subprocess.run([sys.executable, "-m", "rstar_cli.main", "solve", QUESTION, "--rollouts", "1", "-k", "1",
                           "--max-depth", "2", "--json", f"--search-address={eps['search'].address}"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
@@ -245,7 +246,7 @@ def test_cli_status_and_solve(services):
 
     data = json.loads(out.stdout)
     assert data["stats"]["rollouts"] == 1 and data["trajectory"]["steps"]
-    out = subprocess.run([sys.executable, "-m", "rstar.cli", "solve", QUESTION, "--rollouts", "1", "-k", "1",
+    out = subprocess.run([sys.executable, "-m", "rstar_cli.main", "solve", QUESTION, "--rollouts", "1", "-k", "1",
                           "--max-depth", "2", f"--search-address={eps['search'].address}"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

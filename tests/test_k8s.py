@@ -437,7 +437,7 @@ def _config_classes():
         except ImportError:
             continue
         (cls,) = [v for v in vars(mod).values() if dataclasses.is_dataclass(v) and isinstance(v, type)
-                  and v.__module__ == mod.__name__ and v.__name__.endswith("Config")]
+                  and v.__name__.endswith("Config")]
         out[svc.upper()] = cls
     return out
 

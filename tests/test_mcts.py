@@ -5,10 +5,10 @@ import math
 import pytest
 
 from rstar import steps as stepfmt
-from search_svc import mcts
-from search_svc.engine import Engine
-from search_svc.fakes import HashScorer, InProcessExecutor, ScriptedPolicy
-from search_svc.mcts import (PPM_AUGMENTED, TERMINAL_GUIDED, Candidate, ExecResult, Node, SamplingParams, Tree,
+from rstar.search import mcts
+from rstar.search.engine import Engine
+from rstar_testing.fakes import HashScorer, InProcessExecutor, ScriptedPolicy
+from rstar.search.mcts import (PPM_AUGMENTED, TERMINAL_GUIDED, Candidate, ExecResult, Node, SamplingParams, Tree,
                              TreeSettings, backpropagate, select_child, uct_score)
 
 SAMPLE = SamplingParams(temperature=0.7)

@@ -45,7 +45,7 @@ def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_format_model_dir):
     acc = ppm_train.pair_accuracy(out, held_out)
     assert acc >= 0.9, f"held-out ranking accuracy {acc:.2f} (before training {before:.2f}), losses {report['losses']}"
     # what the PPM service loads: backbone + value_head.safetensors, scored as tanh(raw / 5)
-    from ppm_svc.core import VALUE_HEAD_FILE, PPMScorer
+    from rstar.ppm import VALUE_HEAD_FILE, PPMScorer
 
     assert (out / VALUE_HEAD_FILE).is_file() and (out / "config.json").is_file()
     scorer = PPMScorer(out, "r1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rstar import cli_models
+from rstar_cli import models as cli_models
 from rstar import store as store_mod
 from rstar.registry import (CACHE_MARKER, IncompleteVersion, IntegrityError, ModelRegistry, RegistryError,
                             VersionNotFound, register_base_version, sha256_file)

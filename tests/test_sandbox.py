@@ -1,4 +1,4 @@
-"""The sandbox core, adversarially: one test per guarantee of `sandbox_svc.core`.
+"""The sandbox core, adversarially: one test per guarantee of `rstar.sandbox.pool`.
 
 Every test runs hostile code through one shared warm pool and then checks that
 the pool is still healthy and a normal program still runs. Guarantees that a
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_svc.config import SandboxConfig
-from sandbox_svc.core import QueueFull, Sandbox
-from sandbox_svc.isolation import DENIED_SYSCALLS, read_only_paths
+from rstar.sandbox.config import SandboxConfig
+from rstar.sandbox.pool import QueueFull, Sandbox
+from rstar.sandbox.isolation import DENIED_SYSCALLS, read_only_paths
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,7 +282,7 @@ def test_network_namespace_is_private_and_empty(sandbox):
 
 # ---------------------------------------------------------------- filesystem and environment
 @pytest.mark.parametrize("path", ["/etc/passwd", "/etc/hostname", "/proc/1/environ", "/proc/self/environ",
-                                  str(REPO / "sandbox_svc" / "core.py"), str(REPO / "pyproject.toml")])
+                                  str(REPO / "rstar" / "sandbox" / "pool.py"), str(REPO / "pyproject.toml")])
 def test_cannot_read_host_files(sandbox, path):
     need(sandbox, "landlock")
     r = run(sandbox, f"print(open({path!r}, 'rb').read()[:80])")

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rstar import metrics
 from rstar.v1 import common_pb2, sandbox_pb2, sandbox_pb2_grpc
-from sandbox_svc.config import SandboxConfig
+from rstar.sandbox.config import SandboxConfig
 from sandbox_svc.server import create_server
 
 pytestmark = pytest.mark.timeout(90)

@@ -5,11 +5,12 @@ import time
 
 import pytest
 
-from search_svc import selection, trajectories
-from search_svc.core import Admission, Busy, SearchCore, SearchOptions, SynthesisProblem
-from search_svc.engine import CallScope, Cancelled, DeadlineExceeded, Engine, Limits
-from search_svc.fakes import HashScorer, InProcessExecutor, ScriptedPolicy, SimulatedLatency, WalkPolicy
-from search_svc.mcts import TERMINAL_GUIDED, Node, SamplingParams, Tree, TreeSettings
+from rstar import trees as trajectories
+from rstar.search import selection
+from rstar.search.core import Admission, Busy, SearchCore, SearchOptions, SynthesisProblem
+from rstar.search.engine import CallScope, Cancelled, DeadlineExceeded, Engine, Limits
+from rstar_testing.fakes import HashScorer, InProcessExecutor, ScriptedPolicy, SimulatedLatency, WalkPolicy
+from rstar.search.mcts import TERMINAL_GUIDED, Node, SamplingParams, Tree, TreeSettings
 from rstar.store import LocalStore
 
 SAMPLE = SamplingParams(temperature=0.7)

@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rstar.store import LocalStore
 from rstar.v1 import (common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2,
                       sandbox_pb2_grpc, search_pb2, search_pb2_grpc)
-from search_svc import trajectories as tj
-from search_svc.clients import PolicyClient
+from rstar import trees as tj
+from rstar.clients import PolicyClient
 from search_svc.config import SearchConfig
-from search_svc.engine import CallScope
-from search_svc.fakes import HashScorer, InProcessExecutor, WalkPolicy
-from search_svc.mcts import GenerationItem, SamplingParams
+from rstar.search.engine import CallScope
+from rstar_testing.fakes import HashScorer, InProcessExecutor, WalkPolicy
+from rstar.search.mcts import GenerationItem, SamplingParams
 from search_svc.server import create_server
 
 CODES = {"ok": sandbox_pb2.OK, "error": sandbox_pb2.ERROR, "timeout": sandbox_pb2.TIMEOUT}

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from rstar import steps as stepfmt
-from search_svc.fakes import InProcessExecutor
+from rstar_testing.fakes import InProcessExecutor
 from trainer import data, evaluate, sft, training
 
 Q = "Tom has 3 boxes with 12 apples each. He gives away 10 apples. How many apples does he have left?"

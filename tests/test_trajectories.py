@@ -9,10 +9,10 @@ import textwrap
 import pytest
 
 from rstar.store import LocalStore
-from search_svc import trajectories as tj
-from search_svc.engine import Engine
-from search_svc.fakes import HashScorer, InProcessExecutor, WalkPolicy
-from search_svc.mcts import PPM_AUGMENTED, SamplingParams, Tree, TreeSettings
+from rstar import trees as tj
+from rstar.search.engine import Engine
+from rstar_testing.fakes import HashScorer, InProcessExecutor, WalkPolicy
+from rstar.search.mcts import PPM_AUGMENTED, SamplingParams, Tree, TreeSettings
 
 
 def grown_trees(n=3):
@@ -72,7 +72,7 @@ def test_a_shard_killed_mid_write_is_not_listed(tmp_path, crash_at):
     script = textwrap.dedent(f"""
         import os, sys
         from rstar.store import LocalStore
-        from search_svc import trajectories as tj
+        from rstar import trees as tj
 
         class Dying(LocalStore):
             def put(self, key, data):

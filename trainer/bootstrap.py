@@ -257,7 +257,7 @@ class TeacherPolicy:
         raise TeacherError(f"teacher {self.url}{path} failed after {self.retries} attempts: {last}")
 
     def generate(self, items, params, scope=None):
-        from search_svc.mcts import Candidate, Versioned
+        from rstar.search.mcts import Candidate, Versioned
 
         out = []
         for item in items:

@@ -10,7 +10,7 @@
     rstar bootstrap --pool FILE [--limit N] [--out FILE.jsonl]
         convert GSM8K reference solutions into verified code-step trajectories
 
-`add_parser(subparsers)` plugs this into `rstar`; `python -m trainer.cli` runs it alone.
+`python -m trainer COMMAND` runs it; the `rstar` CLI forwards `rstar eval|evolve|bootstrap` here.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     label = ""
     if cfg.greedy or cfg.samples:
         if args.policy_address:
-            from search_svc.clients import PolicyClient
+            from rstar.clients import PolicyClient
 
             policy, label = PolicyClient(args.policy_address), f"policy service {args.policy_address}"
         else:

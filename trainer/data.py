@@ -1,6 +1,6 @@
 """Training data from synthesis trees: SFT trajectories and PPM preference pairs.
 
-Trees are the trajectory store's records (`search_svc.trajectories`, schema
+Trees are the trajectory store's records (`rstar.trees`, schema
 `rstar.tree/1`): a flat node list, node 0 the root (the question), each node
 with `parent`, `q`, `visits`, `failure`, `answer`, `correct`, `children`.
 
@@ -411,7 +411,7 @@ def build_all_pairs(trees: Iterable[dict[str, Any]], cfg: PairConfig | None = No
 
 def iter_round_trees(store, round_no: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source, tree) for every tree of a round's complete shards."""
-    from search_svc import trajectories as traj
+    from rstar import trees as traj
 
     for info in traj.list_complete_shards(store, round_no):
         for tree in traj.read_shard(store, round_no, info.shard):

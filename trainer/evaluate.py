@@ -6,8 +6,8 @@
   code block runs in the sandbox (the whole block, re-run from the start) and
   its output is appended, the `\\boxed{}` step ends the trajectory. Problems
   advance in lock-step so each step is one batched generate call.
-- The policy is the local model (`HFPolicy`: transformers, greedy or seeded
-  sampling, batched) or the policy service (`search_svc.clients.PolicyClient`).
+- The policy is the local model (`rstar.local_policy.HFPolicy`: transformers, greedy or seeded
+  sampling, batched) or the policy service (`rstar.clients.PolicyClient`).
 - MCTS (+PPM) goes through the search service's `Solve` with N trajectories.
 - Grading: `math-verify` (parse + verify of `\\boxed{pred}` against
   `\\boxed{gold}`); when it cannot parse either side, the project grader
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rstar import grading, steps as stepfmt
+from rstar.local_policy import HFPolicy  # noqa: F401 - re-exported for callers of the eval API
 
 log = logging.getLogger(__name__)
 
@@ -48,79 +49,6 @@ def grade(pred: str | None, gold: str) -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - a grader crash is "could not decide", not an eval failure
         log.debug("math-verify failed on %r vs %r: %s", pred, gold, e)
     return grading.answers_equal(pred, gold), "rstar.grading"
-
-
-# --------------------------------------------------------------------------- local policy
-
-
-class HFPolicy:
-    """A transformers causal LM as the search engine's `Policy` (batched; greedy at temperature 0)."""
-
-    def __init__(self, model_dir: str | Path, few_shot: bool | None = None, batch_size: int = 8,
-                 version: str = "", threads: int = 0):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from trainer.sft import model_info
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        info = model_info(model_dir)
-        self.few_shot = info.get("few_shot", True) if few_shot is None else few_shot
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        self.batch_size = batch_size
-        self.version = version or Path(model_dir).name
-        self._strip = [t for t in {self.tok.pad_token, self.tok.eos_token} if t]
-
-    def _complete(self, prompts: list[str], seeds: list[int], params) -> list[tuple[str, str, int]]:
-        import torch
-
-        out: list[tuple[str, str, int]] = []
-        greedy = params.temperature <= 0
-        for b in range(0, len(prompts), self.batch_size):
-            chunk = prompts[b:b + self.batch_size]
-            enc = self.tok(chunk, return_tensors="pt", padding=True).to(self.device)
-            kw: dict[str, Any] = dict(max_new_tokens=params.max_tokens, stop_strings=list(stepfmt.STOP_STRINGS),
-                                      tokenizer=self.tok, pad_token_id=self.tok.pad_token_id)
-            if greedy:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                torch.manual_seed(seeds[b] & 0x7FFFFFFF)
-                kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            with torch.inference_mode():
-                gen = self.model.generate(**enc, **kw)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                text = self.tok.decode(row, skip_special_tokens=False)
-                for s in self._strip:
-                    text = text.replace(s, "")
-                cut = [(text.find(s) + len(s)) for s in stepfmt.STOP_STRINGS if s in text]
-                n_tok = int((row != self.tok.pad_token_id).sum())
-                if cut:
-                    out.append((text[:min(cut)], "stop", n_tok))
-                else:
-                    out.append((text, "length" if n_tok >= params.max_tokens else "stop", n_tok))
-        return out
-
-    def generate(self, items, params, scope=None):
-        from search_svc.mcts import Candidate, Versioned
-
-        prompts, seeds, owners = [], [], []
-        for i, it in enumerate(items):
-            for j in range(it.n):
-                prompts.append(stepfmt.render_prompt(it.question, list(it.steps), few_shot=self.few_shot))
-                seeds.append(it.seed + j)
-                owners.append(i)
-        done = self._complete(prompts, seeds, params)
-        res: list[list] = [[] for _ in items]
-        for i, (text, reason, n) in zip(owners, done):
-            res[i].append(Candidate(text, reason, n))
-        return Versioned(res, model_version=self.version)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -145,7 +73,7 @@ class Rollout:
 def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: float = 0.0, top_p: float = 0.95,
                  max_tokens: int = 256, max_depth: int = 16, seeds: Sequence[int] | None = None) -> list[Rollout]:
     """One trajectory per question, all advanced in lock-step (one generate call per depth)."""
-    from search_svc.mcts import GenerationItem, SamplingParams
+    from rstar.search.mcts import GenerationItem, SamplingParams
 
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     seeds = list(seeds) if seeds is not None else [0] * len(questions)

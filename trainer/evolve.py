@@ -210,7 +210,7 @@ def _make_synth_policy(ctx: Context, round_no: int):
         return TeacherPolicy(cfg.teacher_url, cfg.teacher_model, cfg.teacher_api_key or os.environ.get("OPENAI_API_KEY", ""),
                              timeout=cfg.teacher_timeout)
     if cfg.policy_address:
-        from search_svc.clients import PolicyClient
+        from rstar.clients import PolicyClient
 
         return PolicyClient(cfg.policy_address)
     from trainer.evaluate import HFPolicy
@@ -223,14 +223,14 @@ def _make_synth_scorer(ctx: Context, round_no: int):
     if round_no < ctx.cfg.ppm_from_round:
         return None
     if ctx.cfg.ppm_address:
-        from search_svc.clients import PPMClient
+        from rstar.clients import PPMClient
 
         return PPMClient(ctx.cfg.ppm_address)
     version = ctx.registry.current(publish.PPM)
     if version is None:
         log.warning("round %d: no promoted PPM; synthesis stays terminal-guided", round_no)
         return None
-    from ppm_svc.core import PPMScorer
+    from rstar.ppm import PPMScorer
 
     scorer = PPMScorer(ctx.model_dir(publish.PPM, version), version)
 
@@ -242,7 +242,7 @@ def _make_synth_scorer(ctx: Context, round_no: int):
 
 
 def stage_synthesis(ctx: Context, round_no: int, shard: int = 0, shards: int = 1) -> dict[str, Any]:
-    from search_svc import trajectories as traj
+    from rstar import trees as traj
 
     cfg = ctx.cfg
     chunks = _chunks(ctx, shard, shards)
@@ -288,7 +288,7 @@ def _aggregate_synthesis(ctx: Context, round_no: int, shards: int) -> dict[str, 
 
 
 def _synth_reference(ctx: Context, round_no: int, todo, executor) -> None:
-    from search_svc import trajectories as traj
+    from rstar import trees as traj
     from trainer import bootstrap
 
     for name, probs in todo:
@@ -303,8 +303,8 @@ def _synth_reference(ctx: Context, round_no: int, todo, executor) -> None:
 
 
 def _synth_mcts(ctx: Context, round_no: int, todo, executor) -> None:
-    from search_svc.core import SearchCore, SearchOptions, SynthesisProblem
-    from search_svc.mcts import PPM_AUGMENTED, TERMINAL_GUIDED, derive_seed
+    from rstar.search.core import SearchCore, SearchOptions, SynthesisProblem
+    from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED, derive_seed
 
     cfg = ctx.cfg
     policy = _make_synth_policy(ctx, round_no)

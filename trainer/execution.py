@@ -14,18 +14,18 @@ log = logging.getLogger(__name__)
 
 
 class LocalSandbox:
-    """`sandbox_svc.core.Sandbox` (fork-server warm pool, rlimits, seccomp...) started in this process."""
+    """`rstar.sandbox.pool.Sandbox` (fork-server warm pool, rlimits, seccomp...) started in this process."""
 
     def __init__(self, wall_seconds: float = 5.0, workers: int = 2):
-        from sandbox_svc.config import SandboxConfig
-        from sandbox_svc.core import Sandbox
+        from rstar.sandbox.config import SandboxConfig
+        from rstar.sandbox.pool import Sandbox
 
         self._sb = Sandbox(SandboxConfig(pool_size=workers, max_concurrent=workers, max_queue=4096,
                                          max_programs=4096, wall_seconds=wall_seconds))
         self._sb.start(timeout=120)
 
     def execute(self, programs: Sequence[str], scope=None):
-        from search_svc.mcts import ExecResult
+        from rstar.search.mcts import ExecResult
 
         out = []
         for b in range(0, len(programs), 1024):
@@ -48,7 +48,7 @@ class RemoteSandbox:
     """The sandbox service over gRPC (search_svc's client: deadlines, retries)."""
 
     def __init__(self, address: str, timeout: float = 120.0):
-        from search_svc.clients import SandboxClient
+        from rstar.clients import SandboxClient
 
         self._client = SandboxClient(address, timeout=timeout)
 

@@ -1,9 +1,9 @@
 """PPM training: the round's policy backbone + a value head, pairwise Bradley-Terry loss.
 
-Model = `ppm_svc.core.ValueModel` loaded from the new policy directory
+Model = `rstar.ppm.ValueModel` loaded from the new policy directory
 (`load_value_model`: backbone without the LM head, Linear(hidden, 1) on the
 last token's hidden state, freshly initialised from a fixed seed). Input =
-`ppm_svc.core.render(question, steps)`, the exact string the PPM service
+`rstar.ppm.render(question, steps)`, the exact string the PPM service
 scores. Loss per pair: -log sigmoid(r+ - r-) on the raw head outputs (the
 service reports tanh(r / 5), a monotone map, so rankings are the same),
 weighted by the pair's group weight 1 / (n+ * n-) (trainer.data). The saved
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _texts(pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
-    from ppm_svc.core import render
+    from rstar.ppm import render
 
     return [render(p.question, list(p.pos)) for p in pairs], [render(p.question, list(p.neg)) for p in pairs]
 
@@ -51,7 +51,7 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
               work_dir: str | Path | None = None, head_seed: int = 0, on_step=None,
               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a PPM from `policy_dir` on `pairs`; writes the PPM service's model directory to `out_dir`."""
-    from ppm_svc.core import load_value_model
+    from rstar.ppm import load_value_model
 
     if not pairs:
         raise ValueError("no preference pairs to train the PPM on")
@@ -85,7 +85,7 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
 
 
 def save_ppm(model, tok, out_dir: Path, info: dict[str, Any]) -> None:
-    from ppm_svc.core import save_value_head
+    from rstar.ppm import save_value_head
 
     from trainer.sft import MODEL_INFO
 
@@ -108,7 +108,7 @@ def save_ppm(model, tok, out_dir: Path, info: dict[str, Any]) -> None:
 @torch.inference_mode()
 def pair_accuracy(model_dir: str | Path, pairs: Sequence[Pair], batch: int = 16) -> float:
     """Share of pairs the saved PPM ranks correctly (service scoring: tanh(raw / 5))."""
-    from ppm_svc.core import load_value_model
+    from rstar.ppm import load_value_model
 
     model, tok = load_value_model(model_dir)
     pos_texts, neg_texts = _texts(pairs)

@@ -1,6 +1,6 @@
 """The sandbox: run untrusted, model-written Python programs, isolated, limited and fast.
 
-`Sandbox` owns a fork-server process (`sandbox_svc.zygote`) with a warm pool of
+`Sandbox` owns a fork-server process (`rstar.sandbox.zygote`) with a warm pool of
 pre-forked, pre-isolated workers, and runs batches of programs on it
 concurrently, results in order. It knows nothing of gRPC.
 
@@ -57,11 +57,11 @@ from typing import Callable, Sequence
 
 from rstar import metrics
 
-from sandbox_svc.config import SandboxConfig
-from sandbox_svc.isolation import LAYERS
-from sandbox_svc.zygote import SAFE_ENV, FrameReader, send_frame
+from rstar.sandbox.config import SandboxConfig
+from rstar.sandbox.isolation import LAYERS
+from rstar.sandbox.zygote import SAFE_ENV, FrameReader, send_frame
 
-log = logging.getLogger("sandbox_svc")
+log = logging.getLogger("rstar.sandbox")
 
 FAILURE_KINDS = ("ok", "error", "timeout", "memory", "killed", "output_limit")
 
@@ -168,7 +168,7 @@ class Sandbox:
             "layers": list(self.config.layers), "scratch_root": self.config.scratch_root,
             "log_level": self.config.log_level,
         }
-        boot = f"import sys; sys.path.insert(0, {root!r}); from sandbox_svc.zygote import main; main()"
+        boot = f"import sys; sys.path.insert(0, {root!r}); from rstar.sandbox.zygote import main; main()"
         env = dict(SAFE_ENV, PATH="/usr/bin:/bin")
         self._hello.clear()
         self._warm.clear()

@@ -4,7 +4,7 @@ The service starts this module as a separate process (never forking the
 multi-threaded gRPC process itself) with a clean environment. It imports the
 common libraries of math code once, then keeps `pool_size` workers forked
 ahead of demand: each worker has already entered its isolation layers
-(`sandbox_svc.isolation`) and blocks reading one job from a pipe. A job runs in
+(`rstar.sandbox.isolation`) and blocks reading one job from a pipe. A job runs in
 exactly one worker, which exits afterwards, so nothing leaks between runs; the
 pool refills itself in the background.
 
@@ -38,9 +38,9 @@ import tempfile
 import time
 import traceback
 
-from sandbox_svc import isolation
+from rstar.sandbox import isolation
 
-log = logging.getLogger("sandbox_svc.zygote")
+log = logging.getLogger("rstar.sandbox.zygote")
 
 PRELOAD = ("math", "cmath", "fractions", "decimal", "statistics", "itertools", "functools", "collections",
            "heapq", "bisect", "random", "re", "string", "operator", "datetime", "json", "numpy", "sympy")
@@ -148,7 +148,7 @@ def _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid) -> di
     tempfile.tempdir = scratch
     sys.path[:] = [p for p in sys.path if any(p == r or p.startswith(r + os.sep) for r in readable)]
     sys.path_importer_cache.clear()
-    for name in [m for m in sys.modules if m == "sandbox_svc" or m.startswith("sandbox_svc.")]:
+    for name in [m for m in sys.modules if m == "rstar" or m.startswith("rstar.")]:
         del sys.modules[name]
     for lim in (resource.RLIMIT_CORE, resource.RLIMIT_NOFILE):
         soft = 0 if lim == resource.RLIMIT_CORE else 64

@@ -11,7 +11,7 @@
 
 Every command takes `--store URL` (default: $RSTAR_STORE_URL, else the local
 store under $RSTAR_HOME) and `--json`. `add_parser(subparsers)` plugs this into
-the `rstar` CLI; `python -m rstar.cli_models` runs it alone.
+the `rstar` CLI; `python -m rstar_cli.models` runs it alone.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ It turns policy candidates into child nodes (`expand_leaf`), applies sandbox
 results and PPM scores to them (`apply_execution`, `evaluate_children`),
 picks children by UCT (`select_child`) and backs values up
 (`backpropagate`). `Tree` strings these into rollouts; the batched engine
-(`search_svc.engine`) drives many trees at once and does all the I/O.
+(`rstar.search.engine`) drives many trees at once and does all the I/O.
 
 Rollout semantics (documented in docs/search.md):
 - A rollout descends from the root by UCT over the non-terminal children; at an
@@ -28,70 +28,11 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from rstar import grading, steps as stepfmt
-
-# --- protocols the engine talks to (implemented by gRPC clients and test fakes) ---
-
-
-@dataclass(frozen=True)
-class Candidate:
-    text: str
-    finish_reason: str = "stop"   # "stop" (a stop string or end of sequence) or "length"
-    num_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    stdout: str
-    stderr: str = ""
-    failure: str = "ok"           # "ok", "error", "timeout", "memory", "killed", "output_limit"
-    duration: float = 0.0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 256
-
-
-@dataclass(frozen=True)
-class GenerationItem:
-    question: str
-    steps: tuple[str, ...]
-    n: int
-    seed: int
-
-
-class Versioned(list):
-    """A list of results that remembers the model version that produced it ("" if unknown).
-
-    Policies may also report the prompt tokens of each item (`prompt_tokens`).
-    """
-
-    def __init__(self, items=(), model_version: str = "", prompt_tokens: Sequence[int] = ()):
-        super().__init__(items)
-        self.model_version = model_version
-        self.prompt_tokens = list(prompt_tokens)
-
-
-class Policy(Protocol):
-    def generate(self, items: Sequence[GenerationItem], params: SamplingParams,
-                 scope=None) -> list[list[Candidate]]:
-        """n candidate next steps per item, reproducible from the item's seed."""
-
-
-class Scorer(Protocol):
-    def score(self, prefixes: Sequence[tuple[str, tuple[str, ...]]], scope=None) -> list[float]:
-        """PPM score in [-1, 1] of each (question, steps) prefix."""
-
-
-class Executor(Protocol):
-    def execute(self, programs: Sequence[str], scope=None) -> list[ExecResult]:
-        """Run the programs (concurrently), results in order."""
-
+from rstar.protocols import (Candidate, Executor, ExecResult, GenerationItem, Policy,  # noqa: F401 - re-exported
+                             SamplingParams, Scorer, Versioned)
 
 # --- settings ---
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from rstar import steps as stepfmt
-from search_svc.mcts import Node, Tree
+from rstar.search.mcts import Node, Tree
 
 TREE_SCHEMA = "rstar.tree/1"
 MANIFEST_SCHEMA = "rstar.trajectory-shard/1"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from rstar import grading
-from search_svc.mcts import Node, Tree
+from rstar.search.mcts import Node, Tree
 
 TOP_PPM = "top_ppm"
 MAJORITY_VOTE = "majority_vote"

@@ -21,7 +21,7 @@ import traceback
 from typing import Callable, Sequence
 
 from rstar import steps as stepfmt
-from search_svc.mcts import Candidate, ExecResult, GenerationItem, SamplingParams, Versioned, derive_seed
+from rstar.search.mcts import Candidate, ExecResult, GenerationItem, SamplingParams, Versioned, derive_seed
 
 
 def _tokens(text: str) -> int:

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rstar.config import home_dir
+from rstar.services import SERVICES as SERVICE_TABLE, START_ORDER
 
-SERVICES = ("sandbox", "ppm", "policy", "search")  # start order: cheap ones first
-DEFAULT_PORTS = {"policy": 50051, "ppm": 50052, "sandbox": 50053, "search": 50054}
-DEFAULT_METRICS = {"policy": 9101, "ppm": 9102, "sandbox": 9103, "search": 9104}
+SERVICES = START_ORDER
 DEMO_BUDGET = (4, 4)  # rollouts, candidates per expansion for `rstar demo` without budget flags
 DEFAULT_ROLLOUTS = 8  # used when other budget flags are given without --rollouts
 SAMPLE_PROBLEM = (
@@ -49,9 +48,9 @@ class Endpoint:
 
 def endpoints(host: str = "127.0.0.1", base_port: int | None = None) -> dict[str, Endpoint]:
     out = {}
-    for name in ("policy", "ppm", "sandbox", "search"):
-        port = DEFAULT_PORTS[name] if base_port is None else base_port + list(DEFAULT_PORTS).index(name)
-        mport = DEFAULT_METRICS[name] if base_port is None else base_port + 100 + list(DEFAULT_PORTS).index(name)
+    for name, spec in SERVICE_TABLE.items():
+        port = spec.port if base_port is None else base_port + spec.offset
+        mport = spec.metrics_port if base_port is None else base_port + 100 + spec.offset
         out[name] = Endpoint(name, f"{host}:{port}", f"http://{host}:{mport}/metrics")
     return out
 
@@ -91,7 +90,7 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
         ep = eps[name]
         port = ep.address.rsplit(":", 1)[1]
         mport = ep.metrics_url.rsplit(":", 1)[1].split("/")[0]
-        args = [sys.executable, "-m", f"{name}_svc", "--port", port, "--metrics-port", mport]
+        args = [sys.executable, "-m", SERVICE_TABLE[name].module, "--port", port, "--metrics-port", mport]
         if name == "search":
             args += ["--policy-address", eps["policy"].address, "--ppm-address", eps["ppm"].address,
                      "--sandbox-address", eps["sandbox"].address]
@@ -426,10 +425,26 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import importlib
+    # a subprocess, not an import: the CLI is an app and imports no other app
+    return _run_module(SERVICE_TABLE[args.service].module, args.args)
 
-    mod = importlib.import_module(f"{args.service}_svc.server")
-    return mod.main(args.args)
+
+def _run_module(module: str, argv: list[str]) -> int:
+    """`python -m MODULE ARGV...` in the foreground; Ctrl-C reaches it (same process group)."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv])
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the child got SIGINT too; wait for it to finish its own shutdown
+
+
+# the trainer's command group, run as `python -m trainer COMMAND ...`
+TRAINER_COMMANDS = {
+    "eval": "accuracy on a dev set: greedy, majority vote, MCTS; JSON + PNG (python -m trainer eval --help)",
+    "evolve": "self-evolution rounds: synthesis, training, evaluation, promotion (python -m trainer evolve --help)",
+    "bootstrap": "GSM8K reference solutions -> verified code-step trajectories (python -m trainer bootstrap --help)",
+}
 
 
 # ---------------------------------------------------------------- parser
@@ -497,22 +512,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, timeout=1800)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("service", choices=("policy", "ppm", "sandbox", "search"))
+    p.add_argument("service", choices=tuple(SERVICE_TABLE))
     p.add_argument("args", nargs=argparse.REMAINDER, help="flags for the service (see python -m SERVICE_svc --help)")
     p.set_defaults(func=cmd_serve)
 
-    for mod_name in ("rstar.cli_models", "trainer.cli"):  # optional command groups
-        try:
-            mod = __import__(mod_name, fromlist=["add_parser"])
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:
-                raise
-            continue
-        mod.add_parser(sub)
+    from rstar_cli import models
+
+    models.add_parser(sub)
+    for name, help_text in TRAINER_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        return _run_module("trainer", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args) or 0

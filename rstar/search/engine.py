@@ -23,80 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from search_svc import mcts
-from search_svc.mcts import ExecResult, GenerationItem, Node, SamplingParams, Tree
+from rstar.protocols import CallScope, Cancelled, DeadlineExceeded  # noqa: F401 - re-exported
+from rstar.search import mcts
+from rstar.search.mcts import ExecResult, GenerationItem, Node, SamplingParams, Tree
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The caller went away (or asked to stop); pending work was dropped."""
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before the search finished."""
-
-
-class CallScope:
-    """Stop flag + deadline shared by one request's engine run and its downstream calls.
-
-    `on_stop` registers callbacks (e.g. cancelling an in-flight gRPC future) that
-    run once when the scope is stopped, so nothing needs to poll.
-    """
-
-    def __init__(self, deadline: float | None = None):
-        self.deadline = deadline            # time.monotonic() value, or None
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self.reason = ""
-
-    def stop(self, reason: str = "cancelled") -> None:
-        with self._lock:
-            if self._stopped.is_set():
-                return
-            self.reason = reason
-            self._stopped.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            try:
-                cb()
-            except Exception:  # noqa: BLE001 - a failing canceller must not mask the stop
-                log.exception("stop callback failed")
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped.is_set()
-
-    def wait(self, seconds: float) -> bool:
-        return self._stopped.wait(seconds)
-
-    def on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Register `callback`; returns a function that unregisters it."""
-        with self._lock:
-            if not self._stopped.is_set():
-                self._callbacks.append(callback)
-                return lambda: self._remove(callback)
-        callback()
-        return lambda: None
-
-    def _remove(self, callback) -> None:
-        with self._lock:
-            try:
-                self._callbacks.remove(callback)
-            except ValueError:
-                pass
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def check(self) -> None:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            self.stop("deadline")
-        if self.stopped:
-            if self.reason == "deadline":
-                raise DeadlineExceeded("deadline exceeded")
-            raise Cancelled(self.reason or "cancelled")
 
 
 @dataclass

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from rstar import metrics
-from search_svc import selection, trajectories
-from search_svc.engine import CallScope, Engine, Limits, Progress, Stats
-from search_svc.mcts import (PPM_AUGMENTED, TERMINAL_GUIDED, SamplingParams, Tree, TreeSettings, derive_seed)
+from rstar import trees as trajectories
+from rstar.search import selection
+from rstar.search.engine import CallScope, Engine, Limits, Progress, Stats
+from rstar.search.mcts import (PPM_AUGMENTED, TERMINAL_GUIDED, SamplingParams, Tree, TreeSettings, derive_seed)
 
 
 class Busy(Exception):

@@ -1,0 +1,1 @@
+"""The `rstar` command line: an app around the library and the four services."""
