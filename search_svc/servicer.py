@@ -27,7 +27,7 @@ from search_svc.config import SearchConfig
 from rstar.search.core import Busy, SearchCore, SearchOptions, SynthesisProblem
 from rstar.search.engine import CallScope, Cancelled, DeadlineExceeded, Progress, Stats
 from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED
-from rstar.trees import _SHARD_NAME
+from rstar.trees import SHARD_NAME
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise invalid(f"unknown annotation mode {request.annotation}")
         if request.round < 0:
             raise invalid("round must be >= 0")
-        if request.shard and not _SHARD_NAME.match(request.shard):
+        if request.shard and not SHARD_NAME.match(request.shard):
             raise invalid(f"invalid shard name {request.shard!r}")
         if request.store and self.core.store is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no trajectory store")

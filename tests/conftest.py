@@ -31,10 +31,14 @@ def test_home() -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir(test_home) -> Path:
-    """The embedded SmolLM2-135M-Instruct, converted once into the test cache."""
-    from rstar.models import ensure_default_model
+    """The embedded fast model (SmolLM2-135M-Instruct), converted once into the test cache.
 
-    return ensure_default_model(test_home / "cache" / "base" / "smollm2-135m-instruct")
+    The tests use it (and tiny models with its tokenizer) because it is the real model
+    that loads quickly; the laptop default (Qwen2.5-Coder-0.5B) is not needed to test the path.
+    """
+    from rstar.models import FAST, ensure_model
+
+    return ensure_model(FAST.name, test_home / "cache" / "base" / FAST.name)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from rstar import steps as stepfmt
 from rstar.store import LocalStore
 from rstar import trees as tj
 from rstar.search.engine import Engine
@@ -30,11 +31,11 @@ def test_shard_round_trip_keeps_every_node_field(tmp_path):
     assert info.key == "trajectories/round-3/shard-0001.jsonl.gz"
     assert store.exists("trajectories/round-3/shard-0001.manifest.json")
     back = list(tj.read_shard(store, 3, "shard-0001"))
-    assert back == json.loads(json.dumps(dicts))
-    node = next(n for n in back[0]["nodes"] if n["answer"] is not None)
+    assert [t.to_dict() for t in back] == json.loads(json.dumps(dicts))
+    node = next(n for n in back[0].nodes if n.answer is not None).to_dict()
     for key in ("text", "code", "output", "failure", "visits", "q", "ppm_score", "terminal", "answer", "correct"):
         assert key in node
-    assert back[0]["schema"] == tj.TREE_SCHEMA and back[0]["model_versions"] == {"policy": "walk-1"}
+    assert back[0].schema == tj.TREE_SCHEMA and back[0].model_versions == {"policy": "walk-1"}
     # one tree per gzip JSON line
     raw = gzip.decompress(store.get(info.key)).decode().splitlines()
     assert len(raw) == 3 and json.loads(raw[1])["problem_id"] == "p1"
@@ -107,3 +108,35 @@ def test_newer_schema_and_bad_names_are_rejected(tmp_path):
     for bad in ("", "../x", "a/b", ".hidden"):
         with pytest.raises(ValueError):
             tj.shard_key(0, bad)
+
+
+def test_records_round_trip_and_keep_unknown_fields():
+    d = tj.tree_to_dict(grown_trees(1)[0], {"policy": "walk-1"}, {"round": 3})
+    d["written_by_a_later_tool"] = {"x": 1}
+    d["nodes"][1]["note"] = "kept"
+    rec = tj.TreeRecord.from_dict(d)
+    assert rec.extra["round"] == 3 and rec.nodes[1].extra == {"note": "kept"}
+    assert rec.to_dict() == d
+
+
+def test_records_written_without_optional_fields_load_with_defaults():
+    d = {"schema": "rstar.tree/1", "question": "q", "nodes": [
+        {"id": 0, "parent": None, "children": [1]},
+        {"id": 1, "parent": 0, "text": "<code>\nx = 1\nprint(x)\n<end_of_code>", "ends_code": True, "output": "1",
+         "visits": 2, "value_sum": 1.0}]}
+    rec = tj.TreeRecord.from_dict(d)
+    assert rec.nodes[1].q == 0.5 and rec.nodes[1].failure == "" and rec.nodes[1].answer is None
+    assert rec.prefix_steps(1)[-1] == stepfmt.output_step("1")
+
+
+@pytest.mark.parametrize("nodes", [[], [{"id": 1, "parent": None}], [{"id": 0, "parent": 5}], [{"text": "x"}]])
+def test_malformed_records_are_refused(nodes):
+    with pytest.raises(tj.ShardError):
+        tj.TreeRecord.from_dict({"schema": "rstar.tree/1", "question": "q", "nodes": nodes})
+
+
+def test_the_prefix_rule_is_the_same_in_the_engine_and_in_records():
+    tree = grown_trees(1)[0]
+    rec = tj.TreeRecord.from_search_tree(tree)
+    for n in tree.nodes:
+        assert tuple(rec.nodes[n.id].own_steps()) == n.own_steps()

@@ -1,8 +1,9 @@
 """Training data from synthesis trees: SFT trajectories and PPM preference pairs.
 
-Trees are the trajectory store's records (`rstar.trees`, schema
-`rstar.tree/1`): a flat node list, node 0 the root (the question), each node
-with `parent`, `q`, `visits`, `failure`, `answer`, `correct`, `children`.
+Trees are the trajectory store's typed records (`rstar.trees.TreeRecord`, schema
+`rstar.tree/1`; plain dicts of that schema are accepted and converted): a flat
+node list, node 0 the root (the question), each node with `parent`, `q`,
+`visits`, `failure`, `answer`, `correct`, `children`.
 
 SFT (spec section 4, issue 6 item 1): per problem, the paths root -> correct
 answer node with no failed step, ranked by mean Q over their steps (ties: the
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from rstar import steps as stepfmt
+from rstar import trees as traj
+from rstar.trees import TreeRecord
 
 log = logging.getLogger(__name__)
 
@@ -91,52 +94,29 @@ def decode_jsonl_gz(data: bytes) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- tree helpers
 
 
-def _nodes(tree: dict[str, Any]) -> list[dict[str, Any]]:
-    return tree["nodes"]
+def prefix_steps(tree: TreeRecord | dict[str, Any], node_id: int) -> list[str]:
+    """The prefix of a node (the one prefix rule, `rstar.trees.TreeRecord.prefix_steps`)."""
+    return TreeRecord.coerce(tree).prefix_steps(node_id)
 
 
-def path_ids(tree: dict[str, Any], node_id: int) -> list[int]:
-    """Node ids from the first step to `node_id` (root excluded)."""
-    nodes, out, cur = _nodes(tree), [], node_id
-    while cur is not None and nodes[cur]["parent"] is not None:
-        out.append(cur)
-        cur = nodes[cur]["parent"]
-    return out[::-1]
-
-
-def node_steps(node: dict[str, Any]) -> list[str]:
-    """What a node adds to the prefix (its text, then the output step after a code block)."""
-    if node["parent"] is None:
-        return []
-    if node.get("ends_code") and not node.get("failure") and node.get("answer") is None:
-        return [node["text"], stepfmt.output_step(node.get("output", ""))]
-    return [node["text"]]
-
-
-def prefix_steps(tree: dict[str, Any], node_id: int) -> list[str]:
-    nodes = _nodes(tree)
-    return [s for i in path_ids(tree, node_id) for s in node_steps(nodes[i])]
-
-
-def _outcomes(tree: dict[str, Any]) -> tuple[list[bool], list[bool]]:
+def _outcomes(tree: TreeRecord) -> tuple[list[bool], list[bool]]:
     """Per node: (its subtree holds a correct answer, its subtree holds a wrong end)."""
-    nodes = _nodes(tree)
+    nodes = tree.nodes
     good = [False] * len(nodes)
     bad = [False] * len(nodes)
     order: list[int] = []          # iterative DFS pre-order; reversed, every child comes before its parent
-    stack = [n["id"] for n in nodes if n["parent"] is None]
+    stack = [n.id for n in nodes if n.parent is None]
     while stack:
         i = stack.pop()
         order.append(i)
-        stack.extend(nodes[i].get("children", ()))
+        stack.extend(nodes[i].children)
     for i in reversed(order):
         n = nodes[i]
-        if n.get("answer") is not None and n.get("correct") is True:
+        if n.is_answer and n.correct is True:
             good[i] = True
-        elif n.get("terminal") and (n.get("failure") or n.get("correct") is False
-                                     or (not n.get("children") and n.get("answer") is None)):
+        elif n.terminal and (n.failure or n.correct is False or (not n.children and not n.is_answer)):
             bad[i] = True
-        for c in n.get("children", ()):
+        for c in n.children:
             good[i] |= good[c]
             bad[i] |= bad[c]
     return good, bad
@@ -152,19 +132,19 @@ class TrajectoryRef:
     steps: tuple[str, ...]
 
 
-def trajectories(tree: dict[str, Any]) -> list[TrajectoryRef]:
+def trajectories(tree: TreeRecord | dict[str, Any]) -> list[TrajectoryRef]:
     """Every root -> answer-node path of a tree."""
-    nodes = _nodes(tree)
+    tree = TreeRecord.coerce(tree)
+    nodes = tree.nodes
     out = []
     for n in nodes:
-        if n["parent"] is None or n.get("answer") is None or n.get("correct") is None:
+        if n.parent is None or not n.is_answer or n.correct is None:
             continue
-        ids = path_ids(tree, n["id"])
-        qs = [float(nodes[i]["q"]) for i in ids]
+        ids = tree.path_ids(n.id)
+        qs = [float(nodes[i].q) for i in ids]
         out.append(TrajectoryRef(
-            node_id=n["id"], correct=bool(n["correct"]), mean_q=sum(qs) / len(qs), min_q=min(qs),
-            has_failure=any(nodes[i].get("failure") for i in ids),
-            steps=tuple(prefix_steps(tree, n["id"]))))
+            node_id=n.id, correct=bool(n.correct), mean_q=sum(qs) / len(qs), min_q=min(qs),
+            has_failure=any(nodes[i].failure for i in ids), steps=tuple(tree.prefix_steps(n.id))))
     return out
 
 
@@ -195,8 +175,9 @@ class SFTExample:
                    d.get("source", ""))
 
 
-def select_sft(tree: dict[str, Any], top_k: int = 2, source: str = "") -> list[SFTExample]:
+def select_sft(tree: TreeRecord | dict[str, Any], top_k: int = 2, source: str = "") -> list[SFTExample]:
     """The top-k correct trajectories of one tree by mean Q (ties: min Q, then order), no failed step."""
+    tree = TreeRecord.coerce(tree)
     cands = [t for t in trajectories(tree) if t.correct and not t.has_failure]
     cands.sort(key=lambda t: (-t.mean_q, -t.min_q, t.node_id))
     out, seen = [], set()
@@ -204,7 +185,7 @@ def select_sft(tree: dict[str, Any], top_k: int = 2, source: str = "") -> list[S
         if t.steps in seen:
             continue
         seen.add(t.steps)
-        out.append(SFTExample(str(tree.get("problem_id", "")), tree["question"], t.steps, t.mean_q, t.min_q, source))
+        out.append(SFTExample(tree.problem_id, tree.question, t.steps, t.mean_q, t.min_q, source))
         if len(out) >= top_k:
             break
     return out
@@ -363,25 +344,27 @@ def _group_pairs(pid: str, question: str, group: str, kind: str, pos: list[tuple
     return [Pair(pid, question, ps, ns, pq, nq, group, w, kind) for ps, ns, pq, nq in kept]
 
 
-def build_pairs(tree: dict[str, Any], cfg: PairConfig | None = None, stats: PairStats | None = None) -> list[Pair]:
+def build_pairs(tree: TreeRecord | dict[str, Any], cfg: PairConfig | None = None,
+                stats: PairStats | None = None) -> list[Pair]:
     """Preference pairs of one tree (see the module docstring)."""
     cfg = cfg or PairConfig()
     stats = stats if stats is not None else PairStats()
     stats.trees += 1
-    nodes = _nodes(tree)
+    tree = TreeRecord.coerce(tree)
+    nodes = tree.nodes
     good, bad = _outcomes(tree)
-    pid, question = str(tree.get("problem_id", "")), tree["question"]
+    pid, question = tree.problem_id, tree.question
     out: list[Pair] = []
     for n in nodes:
-        kids = [nodes[c] for c in n.get("children", ()) if nodes[c].get("answer") is None]
+        kids = [nodes[c] for c in n.children if not nodes[c].is_answer]
         if len(kids) < 2:
             continue
-        explored = [k for k in kids if k.get("visits", 0) > 0]
-        pos_c = sorted((k for k in explored if good[k["id"]]), key=lambda k: (-float(k["q"]), k["id"]))
-        neg_c = sorted((k for k in explored if not good[k["id"]] and bad[k["id"]]), key=lambda k: (float(k["q"]), k["id"]))
-        pos = [(tuple(prefix_steps(tree, k["id"])), float(k["q"]), k["text"]) for k in pos_c[:cfg.top_pos]]
-        neg = [(tuple(prefix_steps(tree, k["id"])), float(k["q"]), k["text"]) for k in neg_c[:cfg.bottom_neg]]
-        got = _group_pairs(pid, question, f"{pid}/{n['id']}", "step", pos, neg, cfg, stats)
+        explored = [k for k in kids if k.visits > 0]
+        pos_c = sorted((k for k in explored if good[k.id]), key=lambda k: (-float(k.q), k.id))
+        neg_c = sorted((k for k in explored if not good[k.id] and bad[k.id]), key=lambda k: (float(k.q), k.id))
+        pos = [(tuple(tree.prefix_steps(k.id)), float(k.q), k.text) for k in pos_c[:cfg.top_pos]]
+        neg = [(tuple(tree.prefix_steps(k.id)), float(k.q), k.text) for k in neg_c[:cfg.bottom_neg]]
+        got = _group_pairs(pid, question, f"{pid}/{n.id}", "step", pos, neg, cfg, stats)
         stats.step_pairs += len(got)
         out += got
     if cfg.final_pairs:
@@ -409,10 +392,8 @@ def build_all_pairs(trees: Iterable[dict[str, Any]], cfg: PairConfig | None = No
     return out, stats
 
 
-def iter_round_trees(store, round_no: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_round_trees(store, round_no: int) -> Iterator[tuple[str, TreeRecord]]:
     """(source, tree) for every tree of a round's complete shards."""
-    from rstar import trees as traj
-
     for info in traj.list_complete_shards(store, round_no):
         for tree in traj.read_shard(store, round_no, info.shard):
             yield f"round-{round_no}/{info.shard}", tree
