@@ -87,17 +87,17 @@ def main(argv=None) -> int:
 
     config = SandboxConfig(pool_size=args.pool_size, max_concurrent=args.concurrency,
                            layers=[x for x in args.layers.split(",") if x], require_layers=["rlimits"], port=0)
-    channel = handle = None
+    channel = service = None
     if args.grpc:
         import grpc
 
         from rstar.v1 import sandbox_pb2, sandbox_pb2_grpc
         from sandbox_svc.server import create_server
 
-        handle, sandbox = create_server(config)
-        handle.server.start()
-        sandbox.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+        service = create_server(config).start()
+        service.load()  # starts the pool the service owns
+        sandbox = service.core
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
         stub = sandbox_pb2_grpc.SandboxServiceStub(channel)
         request = sandbox_pb2.ExecuteRequest(programs=[sandbox_pb2.Program(code=STEP_PROGRAM)])
 
@@ -118,8 +118,10 @@ def main(argv=None) -> int:
     finally:
         if channel is not None:
             channel.close()
-            handle.server.stop(0)
-        sandbox.close()
+        if service is not None:
+            service.close()  # stops the server, then the pool it owns
+        else:
+            sandbox.close()
 
     report = {
         "program": "sympy step (solve + Rational + simplify)",

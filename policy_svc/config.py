@@ -17,6 +17,10 @@ class PolicyConfig:
     model_version: str = field("", "version label reported to clients (default: derived from the model)")
     store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/policy/CURRENT")
     reload_interval: float = field(30.0, "seconds between polls of the registry's CURRENT (0 = no hot reload)")
+    reload_mode: str = field("auto", "hot reload: 'beside' (load the new version next to the old one, then switch; "
+                             "memory for two engines), 'drain' (NOT_SERVING, finish in-flight requests, release the "
+                             "old engine, load the new one: a GPU that holds one engine), 'auto' (drain on a GPU, "
+                             "beside on the CPU)")
     few_shot: bool = field(True, "prepend the two worked examples (needed by models not fine-tuned on the format)")
     max_model_len: int = field(4096, "context length given to vLLM")
     kv_cache_gib: int = field(2, "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU")
@@ -35,3 +39,5 @@ class PolicyConfig:
     def validate(self) -> None:
         if self.default_max_tokens <= 0 or self.max_items <= 0 or self.max_candidates <= 0:
             raise ConfigError("default_max_tokens, max_items and max_candidates must be positive")
+        if self.reload_mode not in ("auto", "beside", "drain"):
+            raise ConfigError(f"reload_mode must be auto, beside or drain, got {self.reload_mode!r}")

@@ -1,62 +1,44 @@
 """Policy core: candidate next steps from vLLM, batched across concurrent calls.
 
-No gRPC here. `PolicyEngine` owns one vLLM `LLM` (prefix caching on) and a
-batching thread: concurrent `generate` calls are merged into one engine call,
-so several searches share every forward pass. Each item carries its own seed
-(vLLM per-request seeds), so an item's candidates do not depend on what else is
-in the batch.
+`PolicyEngine` implements the engine's `rstar.protocols.Policy` with its types
+(`GenerationItem`, `SamplingParams` in, `Versioned[list[Candidate]]` out, with
+the model version and each item's prompt tokens). It owns one vLLM `LLM`
+(prefix caching on) and a batching thread: concurrent `generate` calls are
+merged into one engine call, so several searches share every forward pass.
+Each item carries its own seed (vLLM per-request seeds), so an item's
+candidates do not depend on what else is in the batch. Generation stops at
+`rstar.steps.GENERATION_STOPS`, and the stop string is kept in the text.
+
+Not here: gRPC and validation (`policy_svc.servicer`), model resolution and
+hot reload (`policy_svc.server` with `rstar.modelsource` / `rstar.reload`: a
+new version is a new `PolicyEngine`, the old one is `close`d when its last
+request is done).
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
 import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from rstar import metrics, steps
+from rstar.artifacts import model_few_shot, prompt_style
+from rstar.protocols import CallScope, Cancelled, Candidate, DeadlineExceeded, GenerationItem, SamplingParams, Versioned
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Item:
-    question: str
-    steps: list[str]
-    n: int
-    seed: int
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = steps.GENERATION_STOPS
-
-
-@dataclass
-class Candidate:
-    text: str
-    finish_reason: str
-    num_tokens: int
-
-
-@dataclass
-class ItemResult:
-    candidates: list[Candidate]
-    prompt_tokens: int
-
-
-@dataclass
 class _Job:
-    items: list[Item]
-    sampling: Sampling
+    items: list[GenerationItem]
+    params: SamplingParams
     future: Future = field(default_factory=Future)
 
 
@@ -67,15 +49,16 @@ class PolicyEngine:
                  kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, dtype: str = "auto",
                  enforce_eager: bool = True, max_batch_sequences: int = 256, chunked_prefill: bool = False,
                  max_batched_tokens: int = 16384):
-        self.default_few_shot = few_shot
         self.few_shot = model_few_shot(model_dir, few_shot)
+        self.prompt_style = prompt_style(model_dir)
+        if self.few_shot != few_shot:
+            log.info("%s: few_shot=%s (from its model info)", model_dir, self.few_shot)
         self.max_batch_sequences = max_batch_sequences
         self.on_fatal = None  # called when the engine cannot serve any more (the service exits)
         self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization, dtype=resolve_dtype(dtype),
                                  enforce_eager=enforce_eager, chunked_prefill=chunked_prefill,
                                  max_batched_tokens=max(max_batched_tokens, max_model_len))
-        self._lock = threading.Lock()  # guards (llm, version) swaps
         self.llm, self.tokenizer = self._load(model_dir)
         self.version = version
         self.model_dir = str(model_dir)
@@ -88,7 +71,7 @@ class PolicyEngine:
 
         a = self._engine_args
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(a["kv_cache_gib"]))
-        if not _has_gpu():
+        if not has_gpu():
             # vLLM kills its engine when one model step runs past this (default 300 s); a large
             # unchunked prefill on a slow shared CPU can, and a dead engine takes the service down
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
@@ -97,23 +80,36 @@ class PolicyEngine:
         kwargs = dict(model=str(model_dir), dtype=a["dtype"], max_model_len=a["max_model_len"],
                       enable_prefix_caching=True, enforce_eager=a["enforce_eager"], seed=0,
                       enable_chunked_prefill=a["chunked_prefill"], max_num_batched_tokens=a["max_batched_tokens"])
-        if _has_gpu():
+        if has_gpu():
             kwargs["gpu_memory_utilization"] = a["gpu_memory_utilization"]
         llm = LLM(**kwargs)
         log.info("policy model loaded in %.1f s", time.monotonic() - start)
         return llm, llm.get_tokenizer()
 
-    def render(self, item: Item) -> str:
-        return steps.render_prompt(item.question, item.steps, few_shot=self.few_shot)
+    def render(self, item: GenerationItem) -> str:
+        return steps.render_prompt(item.question, list(item.steps), few_shot=self.few_shot, style=self.prompt_style)
 
-    def generate(self, items: list[Item], sampling: Sampling, timeout: float | None = None) -> tuple[list[ItemResult], str]:
-        job = _Job(items, sampling)
+    def generate(self, items: Sequence[GenerationItem], params: SamplingParams,
+                 scope: CallScope | None = None) -> Versioned:
+        """n candidates per item (`Versioned`: model version, prompt tokens per item).
+
+        Waits at most until `scope`'s deadline (DeadlineExceeded); a stopped scope drops
+        the job if it is still queued (Cancelled)."""
+        job = _Job(list(items), params)
         self._queue.put(job)
+        unregister = scope.on_stop(job.future.cancel) if scope is not None else (lambda: None)
         try:
-            return job.future.result(timeout=timeout)
+            remaining = scope.remaining() if scope is not None else None
+            return job.future.result(timeout=None if remaining is None else max(0.0, remaining))
         except TimeoutError:
             job.future.cancel()  # still queued: the batcher skips it and frees its slots
-            raise
+            raise DeadlineExceeded("deadline expired while generating") from None
+        except CancelledError:
+            if scope is not None:
+                scope.check()
+            raise Cancelled("generation cancelled") from None
+        finally:
+            unregister()
 
     def _loop(self) -> None:
         while True:
@@ -147,66 +143,57 @@ class PolicyEngine:
                     if not j.future.done():
                         j.future.set_exception(e)
 
-    def _run(self, jobs: list[_Job]) -> list[tuple[list[ItemResult], str]]:
-        from vllm import SamplingParams
+    def _run(self, jobs: list[_Job]) -> list[Versioned]:
+        from vllm import SamplingParams as VllmSampling
 
-        with self._lock:  # one consistent (model, version, prompt style) for the whole batch
-            llm, version, few_shot = self.llm, self.version, self.few_shot
         prompts, params = [], []
         for job in jobs:
-            s = job.sampling
+            s = job.params
             for item in job.items:
-                prompts.append(steps.render_prompt(item.question, item.steps, few_shot=few_shot))
-                params.append(SamplingParams(
-                    n=item.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                    stop=list(s.stop), include_stop_str_in_output=True, seed=item.seed & 0x7FFFFFFF,
-                    skip_special_tokens=False,
+                prompts.append(self.render(item))
+                params.append(VllmSampling(
+                    # greedy: vLLM refuses n > 1, and every candidate would be the same: decode one
+                    n=item.n if s.temperature > 0 else 1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                    stop=list(steps.GENERATION_STOPS), include_stop_str_in_output=True,
+                    seed=item.seed & 0x7FFFFFFF, skip_special_tokens=False,
                 ))
         metrics.POLICY_BATCH_PREFIXES.observe(len(prompts))
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         out_iter = iter(outputs)
         results = []
         for job in jobs:
-            item_results = []
-            for _item in job.items:
+            cands_per_item, prompt_tokens = [], []
+            for item in job.items:
                 out = next(out_iter)
                 cands = [Candidate(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs]
                 ptoks = len(out.prompt_token_ids or [])
                 metrics.POLICY_PROMPT_TOKENS.inc(ptoks)
                 metrics.POLICY_GENERATED_TOKENS.inc(sum(c.num_tokens for c in cands))
                 metrics.POLICY_SEQUENCES.inc(len(cands))
-                item_results.append(ItemResult(cands, ptoks))
-            results.append((item_results, version))
+                if len(cands) < item.n and job.params.temperature <= 0:
+                    cands = cands[:1] * item.n
+                cands_per_item.append(cands)
+                prompt_tokens.append(ptoks)
+            results.append(Versioned(cands_per_item, self.version, prompt_tokens))
         return results
 
-    def swap(self, model_dir: str | Path, version: str) -> None:
-        """Hot reload: load the new model beside the old one, then switch atomically."""
-        llm, tok = self._load(model_dir)
-        few_shot = model_few_shot(model_dir, self.default_few_shot)
-        with self._lock:
-            old = self.llm
-            self.llm, self.tokenizer, self.version, self.model_dir = llm, tok, version, str(model_dir)
-            self.few_shot = few_shot
-        del old
-
     def close(self) -> None:
+        """Stop the batcher and release the vLLM engine (its memory, its engine process)."""
         self._queue.put(None)
         self._thread.join(timeout=5)
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort: the process may be exiting anyway
+                log.exception("shutting down the vLLM engine of %s failed", self.version)
+        del llm, core
+        gc.collect()
+        if has_gpu():
+            import torch
 
-
-def model_few_shot(model_dir: str | Path, default: bool) -> bool:
-    """A fine-tuned version says in `rstar_model.json` whether it needs the few-shot prompt."""
-    meta = Path(model_dir) / "rstar_model.json"
-    if meta.is_file():
-        try:
-            value = json.loads(meta.read_text()).get("few_shot")
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable %s: %s", meta, e)
-            return default
-        if isinstance(value, bool):
-            log.info("%s: few_shot=%s (from rstar_model.json)", model_dir, value)
-            return value
-    return default
+            torch.cuda.empty_cache()
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -233,11 +220,11 @@ def resolve_dtype(dtype: str, gpu: bool | None = None, cpuinfo: str | None = Non
     if dtype != "auto":
         return dtype
     if gpu is None:
-        gpu = _has_gpu()
+        gpu = has_gpu()
     return "bfloat16" if gpu or cpu_has_bf16(cpuinfo) else "float32"
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     try:
         import torch
 

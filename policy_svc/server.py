@@ -1,13 +1,26 @@
-"""`python -m policy_svc`: the PolicyService process."""
+"""`python -m policy_svc`: the PolicyService process.
+
+`create_server(config, core=None)` returns the `rstar.server.Service` every
+service returns. The policy it serves sits in a `ModelSlot`: with `core` given
+(anything implementing `rstar.protocols.Policy`, e.g. a fake in tests) that one
+is served at once; without, the load step resolves the model (`ModelSource`:
+a directory, the embedded default, or the registry's CURRENT), builds a vLLM
+`PolicyEngine` and, with a registry, hot-reloads promoted versions through the
+slot (`reload_mode`: beside or drain). Health is SERVING exactly while the slot
+can serve.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Callable
 
 from rstar import metrics
 from rstar.config import parse
-from rstar.server import ServerHandle, create_grpc_server, serve, setup_logging
+from rstar.reload import ModelSlot
+from rstar.server import Service, create_grpc_server, serve, setup_logging
 from rstar.v1 import policy_pb2, policy_pb2_grpc
 
 from policy_svc.config import PolicyConfig
@@ -18,14 +31,62 @@ log = logging.getLogger("policy_svc")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
-def create_server(config: PolicyConfig) -> tuple[ServerHandle, PolicyServicer]:
-    servicer = PolicyServicer(config)
+def create_server(config: PolicyConfig, core=None, on_fatal: Callable[[str], None] | None = None) -> Service:
+    """Build the service (not started). `core`: a `Policy` to serve instead of loading the model;
+    `on_fatal`: told when a loaded engine dies for good (the process should exit)."""
+    built: set[int] = set()  # engines this service built (and so closes); an injected core is the caller's
+
+    def close_engine(engine) -> None:
+        if id(engine) in built:
+            built.discard(id(engine))
+            engine.close()
+
+    slot: ModelSlot = ModelSlot("policy", "policy", close=close_engine)
+    servicer = PolicyServicer(config, slot)
 
     def register(server):
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    return create_grpc_server("policy", register, config.host, config.port), servicer
+    handle = create_grpc_server("policy", register, config.host, config.port)
+    slot.on_ready = handle.set_serving
+    source = None
+
+    def build(version: str, model_dir: Path):
+        from policy_svc.core import PolicyEngine
+
+        engine = PolicyEngine(
+            model_dir, version, few_shot=config.few_shot, max_model_len=config.max_model_len,
+            kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
+            dtype=config.dtype, enforce_eager=config.enforce_eager, max_batch_sequences=config.max_batch_sequences,
+            chunked_prefill=config.chunked_prefill, max_batched_tokens=config.max_batched_tokens,
+        )
+        engine.on_fatal = on_fatal
+        built.add(id(engine))
+        return engine
+
+    def load_step() -> None:
+        nonlocal source
+        from policy_svc.core import has_gpu
+        from rstar.modelsource import ModelSource
+
+        mode = config.reload_mode
+        slot.two_copies = mode == "beside" or (mode == "auto" and not has_gpu())
+        source = ModelSource("policy", config.model, config.model_version, config.store_url)
+        model_dir, version = source.resolve()
+        load = slot.loader(build)
+        load(version, model_dir)
+        source.watch(config.reload_interval, load)
+
+    def release() -> None:
+        if source is not None:
+            source.stop()
+        slot.close()
+
+    if core is not None:
+        slot.swap(core, config.model_version or getattr(core, "version", "") or "injected")
+    return Service(handle, servicer, load_step=None if core is not None else load_step, release=release,
+                   core_of=lambda: slot.current.model if slot.current is not None else None)
 
 
 def main(argv=None) -> int:
@@ -34,33 +95,7 @@ def main(argv=None) -> int:
     setup_logging(config.log_level)
     if config.metrics_port >= 0:
         metrics.start_metrics_server(config.metrics_port)
-    handle, servicer = create_server(config)
-    source = None
-
-    def load():
-        nonlocal source
-        from rstar.modelsource import ModelSource
-        from policy_svc.core import PolicyEngine
-
-        source = ModelSource("policy", config.model, config.model_version, config.store_url)
-        model_dir, version = source.resolve()
-        servicer.engine = PolicyEngine(
-            model_dir, version, few_shot=config.few_shot, max_model_len=config.max_model_len,
-            kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
-            dtype=config.dtype, enforce_eager=config.enforce_eager, max_batch_sequences=config.max_batch_sequences,
-            chunked_prefill=config.chunked_prefill, max_batched_tokens=config.max_batched_tokens,
-        )
-        servicer.engine.on_fatal = _fatal
-        source.mark_serving(version)
-        source.watch(config.reload_interval, servicer.engine.swap)
-
-    def stop():
-        if source is not None:
-            source.stop()
-        if servicer.engine is not None:
-            servicer.engine.close()
-
-    serve(handle, load=load, on_stop=stop)
+    serve(create_server(config, on_fatal=_fatal))
     return 0
 
 

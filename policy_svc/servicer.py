@@ -1,31 +1,38 @@
-"""PolicyService servicer: protobuf <-> PolicyEngine, validation, deadlines."""
+"""PolicyService servicer: protobuf <-> the engine's `Policy` protocol, validation, deadlines.
+
+It translates a `GenerateRequest` into `rstar.protocols` types (`GenerationItem`,
+`SamplingParams`), runs it on the policy held in the model slot (whatever
+implements `Policy`: the vLLM `PolicyEngine`, or a fake in tests) with a
+`CallScope` carrying the RPC's deadline and cancellation, and translates the
+`Versioned` candidates back. Each request runs on one model version from start
+to end, even across a hot reload.
+
+Not here: generation (`policy_svc.core`), model loading and reload
+(`policy_svc.server`, `rstar.reload`).
+"""
 
 from __future__ import annotations
 
 import grpc
 
 from rstar import steps
-from rstar.server import ServiceError, invalid, unavailable
+from rstar.protocols import Cancelled, DeadlineExceeded, GenerationItem, SamplingParams
+from rstar.reload import ModelSlot, SlotUnavailable
+from rstar.server import ServiceError, call_scope, invalid, unavailable
 from rstar.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 from policy_svc.config import PolicyConfig
-from policy_svc.core import Item, Sampling
 
 MAX_TEXT = 256 * 1024
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, config: PolicyConfig):
+    def __init__(self, config: PolicyConfig, slot: ModelSlot):
         self.config = config
-        self.engine = None  # set once the model is loaded
+        self.slot = slot
 
-    def _engine(self):
-        if self.engine is None:
-            raise unavailable("policy model is loading")
-        return self.engine
-
-    def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext):
-        engine = self._engine()
+    def parse(self, request: policy_pb2.GenerateRequest) -> tuple[list[GenerationItem], SamplingParams]:
+        """The request as protocol types; ServiceError(INVALID_ARGUMENT) when it is malformed."""
         cfg = self.config
         if not request.items:
             raise invalid("GenerateRequest.items is empty")
@@ -41,35 +48,54 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             n = it.n or 1
             if n < 0 or n > cfg.max_candidates:
                 raise invalid(f"items[{i}].n={it.n} outside 1..{cfg.max_candidates}")
-            items.append(Item(it.prefix.question, list(it.prefix.steps), n, int(it.seed)))
+            items.append(GenerationItem(it.prefix.question, tuple(it.prefix.steps), n, int(it.seed)))
         sp = request.sampling
         if sp.temperature < 0 or sp.top_p < 0 or sp.top_p > 1 or sp.max_tokens < 0:
             raise invalid("sampling: temperature >= 0, 0 <= top_p <= 1, max_tokens >= 0 required")
-        sampling = Sampling(
+        if sp.stop and set(sp.stop) != set(steps.GENERATION_STOPS):
+            # one stop-string set for every policy: the step format's (rstar.steps.GENERATION_STOPS)
+            raise invalid(f"sampling.stop: only the step markers {list(steps.GENERATION_STOPS)} are supported "
+                          "(leave it empty)")
+        params = SamplingParams(
             temperature=float(sp.temperature),
             top_p=float(sp.top_p) if sp.top_p > 0 else 1.0,
             max_tokens=int(sp.max_tokens) or cfg.default_max_tokens,
-            stop=tuple(sp.stop) or steps.GENERATION_STOPS,
         )
-        timeout = context.time_remaining()  # None or huge without a client deadline
-        if timeout is not None and timeout > 1e6:
-            timeout = None
+        return items, params
+
+    def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext):
+        items, params = self.parse(request)
+        scope = call_scope(context)
+        wait = self.slot.acquire_timeout_s
+        if scope.remaining() is not None:
+            wait = max(0.0, min(wait, scope.remaining()))
         try:
-            results, version = engine.generate(items, sampling, timeout=timeout)
-        except TimeoutError:
+            with self.slot.acquire(timeout=wait) as held:
+                result = held.model.generate(items, params, scope=scope)
+                version = getattr(result, "model_version", "") or held.version
+        except SlotUnavailable as e:
+            raise unavailable(f"policy model is loading ({e})") from None
+        except DeadlineExceeded:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired while generating") from None
+        except Cancelled:
+            raise ServiceError(grpc.StatusCode.CANCELLED, "generation cancelled") from None
+        if len(result) != len(items):
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the policy answered {len(result)} of {len(items)} items")
+        prompt_tokens = list(getattr(result, "prompt_tokens", []) or [])
         resp = policy_pb2.GenerateResponse(model_version=version)
-        for r in results:
+        for i, cands in enumerate(result):
             resp.results.add(
-                prompt_tokens=r.prompt_tokens,
+                prompt_tokens=prompt_tokens[i] if i < len(prompt_tokens) else 0,
                 candidates=[policy_pb2.Candidate(text=c.text, finish_reason=c.finish_reason, num_tokens=c.num_tokens)
-                            for c in r.candidates],
+                            for c in cands],
             )
         return resp
 
     def Info(self, request, context):
-        engine = self.engine
-        models = [common_pb2.ModelVersion(name="policy", version=engine.version)] if engine else []
-        details = {"model_dir": engine.model_dir if engine else "",
-                   "few_shot": str(engine.few_shot if engine else self.config.few_shot)}
-        return common_pb2.InfoResponse(service="policy", models=models, ready=engine is not None, details=details)
+        cur = self.slot.current
+        core = cur.model if cur is not None else None
+        models = [common_pb2.ModelVersion(name="policy", version=cur.version)] if cur is not None else []
+        details = {"model_dir": str(getattr(core, "model_dir", "") or (cur.path if cur and cur.path else "")),
+                   "few_shot": str(getattr(core, "few_shot", self.config.few_shot)),
+                   "reload_mode": "beside" if self.slot.two_copies else "drain"}
+        return common_pb2.InfoResponse(service="policy", models=models, ready=self.slot.ready, details=details)

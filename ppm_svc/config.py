@@ -17,6 +17,9 @@ class PPMConfig:
     model_version: str = field("", "version label reported to clients (default: derived from the model)")
     store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/ppm/CURRENT")
     reload_interval: float = field(30.0, "seconds between polls of the registry's CURRENT (0 = no hot reload)")
+    reload_mode: str = field("beside", "hot reload: 'beside' (load the new version next to the old one, then "
+                             "switch; memory for two models) or 'drain' (NOT_SERVING, finish in-flight requests, "
+                             "release the old model, load the new one)")
     head_seed: int = field(0, "seed of a freshly initialised value head (when the model has none)")
     batch_size: int = field(16, "prefixes per forward pass")
     max_length: int = field(2048, "tokens per prefix at most (longer prefixes keep their last tokens)")
@@ -27,3 +30,5 @@ class PPMConfig:
     def validate(self) -> None:
         if self.batch_size <= 0 or self.max_length <= 0 or self.max_prefixes <= 0:
             raise ConfigError("batch_size, max_length and max_prefixes must be positive")
+        if self.reload_mode not in ("beside", "drain"):
+            raise ConfigError(f"reload_mode must be beside or drain, got {self.reload_mode!r}")

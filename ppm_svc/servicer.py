@@ -1,8 +1,22 @@
-"""PPMService servicer: protobuf <-> PPMScorer, validation."""
+"""PPMService servicer: protobuf <-> the engine's `Scorer` protocol, validation, deadlines.
+
+It scores a `ScoreRequest`'s prefixes with the scorer held in the model slot
+(whatever implements `Scorer`: `rstar.ppm.PPMScorer`, or a fake in tests), with
+a `CallScope` carrying the RPC's deadline and cancellation, and returns the
+scores with the model version that produced them. Each request runs on one
+version from start to end, even across a hot reload.
+
+Not here: scoring (`rstar.ppm`), model loading and reload (`ppm_svc.server`,
+`rstar.reload`).
+"""
 
 from __future__ import annotations
 
-from rstar.server import invalid, unavailable
+import grpc
+
+from rstar.protocols import Cancelled, DeadlineExceeded
+from rstar.reload import ModelSlot, SlotUnavailable
+from rstar.server import ServiceError, call_scope, invalid, unavailable
 from rstar.v1 import common_pb2, ppm_pb2, ppm_pb2_grpc
 
 from ppm_svc.config import PPMConfig
@@ -11,14 +25,12 @@ MAX_TEXT = 256 * 1024
 
 
 class PPMServicer(ppm_pb2_grpc.PPMServiceServicer):
-    def __init__(self, config: PPMConfig):
+    def __init__(self, config: PPMConfig, slot: ModelSlot):
         self.config = config
-        self.scorer = None
+        self.slot = slot
 
-    def Score(self, request: ppm_pb2.ScoreRequest, context):
-        scorer = self.scorer
-        if scorer is None:
-            raise unavailable("PPM model is loading")
+    def parse(self, request: ppm_pb2.ScoreRequest) -> list[tuple[str, tuple[str, ...]]]:
+        """The request's prefixes; ServiceError(INVALID_ARGUMENT) when it is malformed."""
         if not request.prefixes:
             raise invalid("ScoreRequest.prefixes is empty")
         if len(request.prefixes) > self.config.max_prefixes:
@@ -30,12 +42,33 @@ class PPMServicer(ppm_pb2_grpc.PPMServiceServicer):
             size = len(p.question) + sum(len(s) for s in p.steps)
             if size > MAX_TEXT:
                 raise invalid(f"prefixes[{i}] is {size} characters (limit {MAX_TEXT})")
-            prefixes.append((p.question, list(p.steps)))
-        scores, version = scorer.score(prefixes)
-        return ppm_pb2.ScoreResponse(scores=scores, model_version=version)
+            prefixes.append((p.question, tuple(p.steps)))
+        return prefixes
+
+    def Score(self, request: ppm_pb2.ScoreRequest, context):
+        prefixes = self.parse(request)
+        scope = call_scope(context)
+        wait = self.slot.acquire_timeout_s
+        if scope.remaining() is not None:
+            wait = max(0.0, min(wait, scope.remaining()))
+        try:
+            with self.slot.acquire(timeout=wait) as held:
+                scores = held.model.score(prefixes, scope=scope)
+                version = getattr(scores, "model_version", "") or held.version
+        except SlotUnavailable as e:
+            raise unavailable(f"PPM model is loading ({e})") from None
+        except DeadlineExceeded:
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired while scoring") from None
+        except Cancelled:
+            raise ServiceError(grpc.StatusCode.CANCELLED, "scoring cancelled") from None
+        if len(scores) != len(prefixes):
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the scorer answered {len(scores)} of {len(prefixes)}")
+        return ppm_pb2.ScoreResponse(scores=[float(s) for s in scores], model_version=version)
 
     def Info(self, request, context):
-        s = self.scorer
-        models = [common_pb2.ModelVersion(name="ppm", version=s.version)] if s else []
-        return common_pb2.InfoResponse(service="ppm", models=models, ready=s is not None,
-                                       details={"model_dir": s.model_dir if s else ""})
+        cur = self.slot.current
+        core = cur.model if cur is not None else None
+        models = [common_pb2.ModelVersion(name="ppm", version=cur.version)] if cur is not None else []
+        details = {"model_dir": str(getattr(core, "model_dir", "") or (cur.path if cur and cur.path else "")),
+                   "reload_mode": "beside" if self.slot.two_copies else "drain"}
+        return common_pb2.InfoResponse(service="ppm", models=models, ready=self.slot.ready, details=details)

@@ -18,8 +18,8 @@ import grpc
 from rstar.server import MAX_MESSAGE_BYTES
 from rstar.v1 import (common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2,
                       sandbox_pb2_grpc)
-from rstar.search.engine import CallScope, Cancelled, DeadlineExceeded
-from rstar.search.mcts import Candidate, ExecResult, GenerationItem, SamplingParams, Versioned
+from rstar.protocols import (CallScope, Cancelled, Candidate, DeadlineExceeded, ExecResult, GenerationItem,
+                             SamplingParams, Versioned)
 
 log = logging.getLogger(__name__)
 

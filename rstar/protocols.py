@@ -61,19 +61,24 @@ class Versioned(list):
 
 class Policy(Protocol):
     def generate(self, items: Sequence[GenerationItem], params: SamplingParams,
-                 scope=None) -> list[list[Candidate]]:
-        """n candidate next steps per item, reproducible from the item's seed."""
+                 scope: CallScope | None = None) -> Versioned:
+        """`item.n` candidates per item (a `Versioned` list of lists of `Candidate`).
+
+        Contract (tests/test_policy_contract.py): an item's candidates depend on its own
+        seed and prefix, never on the rest of the batch; a candidate that stopped at a stop
+        string ends with it (`rstar.steps.GENERATION_STOPS`); `finish_reason` is "stop" or
+        "length"; the result carries the model version.
+        """
 
 
 class Scorer(Protocol):
-    def score(self, prefixes: Sequence[tuple[str, tuple[str, ...]]], scope=None) -> list[float]:
-        """PPM score in [-1, 1] of each (question, steps) prefix."""
+    def score(self, prefixes: Sequence[tuple[str, tuple[str, ...]]], scope: CallScope | None = None) -> Versioned:
+        """PPM score in [-1, 1] of each (question, steps) prefix (a `Versioned` list of floats)."""
 
 
 class Executor(Protocol):
-    def execute(self, programs: Sequence[str], scope=None) -> list[ExecResult]:
+    def execute(self, programs: Sequence[str], scope: CallScope | None = None) -> list[ExecResult]:
         """Run the programs (concurrently), results in order."""
-
 
 
 class Cancelled(Exception):

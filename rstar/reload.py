@@ -1,24 +1,37 @@
 """Hot reload: follow a model's CURRENT pointer and swap the served model without dropping requests.
 
-Two pieces, both independent of gRPC and of any model library:
+The one reload mechanism of the model services (policy and PPM); both pieces are
+independent of gRPC and of any model library:
 
-- `ModelSlot` holds the model a service serves now and its version. Requests
-  take a reference with `with slot.acquire() as m:` and keep using that model
-  until they finish, even if a swap happens meanwhile; the old model is closed
-  only when its last request lets go. Two modes:
-    * beside (default): build the new model while the old one serves, then swap
-      the reference atomically (memory for two copies);
-    * drain (`two_copies=False`): stop admitting requests (they wait, up to
-      `acquire_timeout_s`), wait for in-flight ones to finish, close the old
-      model, build the new one, admit again. If the build fails the old version
-      is built again from its directory, so the service keeps its old model.
+- `ModelSlot` holds the model (engine, scorer: any object) a service serves now
+  and its version. Requests take a reference with `with slot.acquire() as m:`
+  and keep using that model until they finish, even if a swap happens
+  meanwhile; the old model is closed only when its last request lets go (in a
+  background thread, so that request's answer is not delayed). Two
+  modes, chosen per service (`reload_mode`):
+    * beside (`two_copies=True`, default): build the new model while the old one
+      serves, then swap the reference atomically (memory for two copies);
+    * drain (`two_copies=False`, for engines that cannot hold two copies, e.g.
+      vLLM on a GPU): report not ready (health NOT_SERVING), stop admitting
+      requests (they wait, up to `acquire_timeout_s`), wait for in-flight ones to
+      finish, close the old model, build the new one, report ready again. If the
+      build fails the old version is built again from its directory, so the
+      service keeps its old model.
+  `on_ready(bool)` is told whenever the slot starts or stops being able to
+  serve (first model in, drain begins/ends, `close`); services point it at
+  their health status. The slot also keeps `rstar_model_info{service,model,version}`
+  at 1 for the served version (and removes the old one).
 - `ModelWatcher` polls `registry.current(name)` every `interval_s` seconds in a
   daemon thread; on a change it fetches the version (verified download into the
-  cache) and calls the service's `load(version, local_dir)`. Any failure (bad
-  hash, missing file, load error) leaves the old model serving, is logged and is
-  counted in `rstar_model_reloads_total{service,model,outcome="failed"}`. A
-  version that failed for a reason of its own is not retried until CURRENT
-  changes again; an unreachable store is retried on the next poll.
+  cache) and calls the service's `load(version, local_dir)` (`slot.loader(build)`).
+  Any failure (bad hash, missing file, load error) leaves the old model serving,
+  is logged and is counted in
+  `rstar_model_reloads_total{service,model,outcome="failed"}`. A version that
+  failed for a reason of its own is not retried until CURRENT changes again; an
+  unreachable store is retried on the next poll.
+
+Not here: where the first model comes from (`rstar.modelsource`), how a model is
+built (the service's `build`), gRPC.
 """
 
 from __future__ import annotations
@@ -60,15 +73,17 @@ class ModelSlot(Generic[M]):
 
     def __init__(self, service: str, model_name: str, close: Callable[[M], None] | None = None,
                  two_copies: bool = True, acquire_timeout_s: float = 60.0,
-                 on_drain: Callable[[bool], None] | None = None):
+                 on_ready: Callable[[bool], None] | None = None):
         self.service, self.model_name = service, model_name
         self._close = close
         self.two_copies = two_copies
         self.acquire_timeout_s = acquire_timeout_s
-        self._on_drain = on_drain  # e.g. lambda draining: handle.set_serving(not draining)
+        self.on_ready = on_ready  # e.g. handle.set_serving: told when the slot starts/stops serving
         self._cond = threading.Condition()
         self._current: Loaded[M] | None = None
         self._draining = False
+        self._closed = False
+        self._ready = False
         self._swap_lock = threading.Lock()  # one swap at a time
 
     @property
@@ -77,17 +92,40 @@ class ModelSlot(Generic[M]):
         return cur.version if cur else None
 
     @property
+    def current(self) -> Loaded[M] | None:
+        """The entry served now (for reading its version or attributes; requests use `acquire`)."""
+        return self._current
+
+    @property
     def loaded(self) -> bool:
         return self._current is not None
 
+    @property
+    def ready(self) -> bool:
+        """A model is loaded and requests are admitted (not draining, not closed)."""
+        return self._ready
+
+    def _set_ready(self) -> None:
+        with self._cond:
+            ready = self._current is not None and not self._draining and not self._closed
+            changed, self._ready = ready != self._ready, ready
+        if changed and self.on_ready is not None:
+            try:
+                self.on_ready(ready)
+            except Exception:  # noqa: BLE001 - a failing listener must not break a swap
+                log.exception("%s: on_ready(%s) failed", self.service, ready)
+
     @contextlib.contextmanager
     def acquire(self, timeout: float | None = None) -> Iterator[Loaded[M]]:
-        """Hold the current model for one request."""
+        """Hold the current model for one request.
+
+        Raises SlotUnavailable at once when no model has been loaded yet (or the slot is
+        closed); during a drain-mode swap waits up to `timeout` (default `acquire_timeout_s`)."""
         deadline = time.monotonic() + (self.acquire_timeout_s if timeout is None else timeout)
         with self._cond:
             while self._draining or self._current is None:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if self._closed or (not self._draining and self._current is None) or left <= 0:
                     raise SlotUnavailable(f"{self.service}: no {self.model_name} model is loaded"
                                           + (" (swapping versions)" if self._draining else ""))
                 self._cond.wait(left)
@@ -103,8 +141,9 @@ class ModelSlot(Generic[M]):
             entry._refs -= 1
             done = entry._retired and entry._refs == 0
             self._cond.notify_all()
-        if done:
-            self._dispose(entry)
+        if done:  # closing an engine takes seconds: not on the thread of the request that let go
+            threading.Thread(target=self._dispose, args=(entry,), name=f"{self.service}-close-{entry.version}",
+                             daemon=True).start()
 
     def _dispose(self, entry: Loaded[M]) -> None:
         if self._close is not None:
@@ -134,12 +173,16 @@ class ModelSlot(Generic[M]):
         if old is not None:
             self._dispose(old)
         log.info("%s: serving %s version %s", self.service, self.model_name, version)
+        self._set_ready()
 
     def loader(self, build: Callable[[str, Path], M]) -> Callable[[str, Path], None]:
-        """A `load(version, local_dir)` callback for ModelWatcher: build the model, then swap it in."""
+        """A `load(version, local_dir)` callback (for ModelWatcher, and for the first load):
+        build the model, then swap it in, beside the old one or after draining it."""
 
         def load(version: str, local_dir: Path) -> None:
             with self._swap_lock:
+                if self._closed:
+                    raise SlotUnavailable(f"{self.service}: closed")
                 if self.two_copies or self._current is None:
                     self.swap(build(version, local_dir), version, local_dir)
                 else:
@@ -148,10 +191,11 @@ class ModelSlot(Generic[M]):
         return load
 
     def _drain_swap(self, build: Callable[[str, Path], M], version: str, local_dir: Path) -> None:
-        if self._on_drain:
-            self._on_drain(True)
         with self._cond:
             self._draining = True
+        self._set_ready()  # not ready: load balancers stop sending while we swap
+        log.info("%s: draining %s %s to load %s", self.service, self.model_name, self.version, version)
+        with self._cond:
             while self._current is not None and self._current._refs > 0:
                 self._cond.wait()
             old, self._current = self._current, None
@@ -169,12 +213,30 @@ class ModelSlot(Generic[M]):
             self._publish(Loaded(model, version, local_dir))
             if old.version != version:
                 _drop_info(self.service, self.model_name, old.version)
+            log.info("%s: serving %s version %s", self.service, self.model_name, version)
         finally:
             with self._cond:
                 self._draining = False
                 self._cond.notify_all()
-            if self._on_drain:
-                self._on_drain(False)
+            self._set_ready()
+
+    def close(self) -> None:
+        """Stop serving: not ready, no new requests; the model is closed once no request holds it."""
+        with self._swap_lock:
+            with self._cond:
+                self._closed = True
+                entry, self._current = self._current, None
+                self._cond.notify_all()
+                dispose_now = None
+                if entry is not None:
+                    entry._retired = True
+                    if entry._refs == 0:
+                        dispose_now = entry
+            self._set_ready()
+            if entry is not None:
+                _drop_info(self.service, self.model_name, entry.version)
+            if dispose_now is not None:
+                self._dispose(dispose_now)
 
 
 def _drop_info(service: str, model: str, version: str) -> None:

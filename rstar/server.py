@@ -1,11 +1,18 @@
-"""gRPC server scaffolding shared by the four services.
+"""gRPC server scaffolding shared by the four services, and the one shape they have.
 
 `create_grpc_server` builds a server with the metrics/error interceptor, the
 standard health service (NOT_SERVING until the service says otherwise) and
-reflection; `serve` runs it until SIGTERM/SIGINT and then drains gracefully.
+reflection. Every service's `create_server(config, core=None)` returns a
+`Service`: the server handle, the servicer, the core it serves (injected, or
+loaded by the service's load step), `start()`, `load()`, `close()`. Health
+follows the core (a model slot, the sandbox pool, the downstream monitor), so a
+service is SERVING only once its core can answer. `serve` runs a `Service` until
+SIGTERM/SIGINT and then drains gracefully.
 Handlers raise `ServiceError` (or `ValueError` for bad input) and never leak a
 stack trace to clients: anything unexpected becomes INTERNAL with a one-line
 message, and the trace goes to the log.
+
+Not here: any service's protobuf messages, cores or configuration.
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rstar import metrics
+from rstar.protocols import CallScope
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,15 @@ def unavailable(message: str) -> ServiceError:
 
 def exhausted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def call_scope(context: grpc.ServicerContext) -> CallScope:
+    """An RPC's deadline and cancellation as the `CallScope` the engine protocols take."""
+    remaining = context.time_remaining()  # None or huge without a client deadline
+    deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
+    scope = CallScope(deadline)
+    context.add_callback(lambda: scope.stop("cancelled"))  # runs when the RPC ends, however it ends
+    return scope
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
@@ -142,8 +159,10 @@ class ServerHandle:
     port: int
     health: health.HealthServicer
     service_names: tuple[str, ...]
+    closing: bool = field(default=False, init=False)  # once set, health stays NOT_SERVING
 
     def set_serving(self, serving: bool) -> None:
+        serving = serving and not self.closing
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -185,19 +204,84 @@ def create_grpc_server(
     return handle
 
 
-def serve(handle: ServerHandle, grace: float = 10.0, on_stop: Callable[[], None] | None = None,
-          ready: threading.Event | None = None, load: Callable[[], None] | None = None) -> None:
-    """Start the server, run `load` (model loading) in this thread, serve until SIGTERM/SIGINT.
+@dataclass
+class Service:
+    """One built service, the same for all four: what `create_server(config, core=None)` returns.
 
-    The server answers from the start (health NOT_SERVING, RPCs UNAVAILABLE)
-    and flips to SERVING once `load` returns. On a signal, health flips to
-    NOT_SERVING first so load balancers stop sending, in-flight RPCs get
-    `grace` seconds, then `on_stop` releases the service's resources.
+    `start()` starts answering (health NOT_SERVING and RPCs UNAVAILABLE until the core
+    is there; an injected core is there at once); `load()` runs the load step that
+    builds the real core (model loading, the sandbox pool, waiting for downstream
+    services), nothing when the core was injected; `close(grace)` flips health to
+    NOT_SERVING, gives in-flight RPCs `grace` seconds, then releases the core.
+    """
+
+    handle: ServerHandle
+    servicer: Any
+    load_step: Callable[[], None] | None = None   # builds the real core; None when it was injected
+    release: Callable[[], None] | None = None     # frees the core's resources once the server stopped
+    core_of: Callable[[], Any] = lambda: None     # the core served now (None while loading)
+    _started: bool = field(default=False, init=False)
+    _closed: bool = field(default=False, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.handle.service
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.handle.port}"
+
+    @property
+    def core(self) -> Any:
+        return self.core_of()
+
+    def start(self) -> "Service":
+        if not self._started:
+            self.handle.server.start()
+            self._started = True
+            log.info("%s listening on port %d", self.name, self.port)
+        return self
+
+    def load(self) -> None:
+        if self.load_step is not None:
+            self.load_step()
+
+    def close(self, grace: float = 0.0) -> None:
+        """Idempotent: NOT_SERVING, stop the server (in-flight RPCs get `grace` s), release the core."""
+        if self._closed:
+            return
+        self._closed = True
+        self.handle.closing = True
+        self.handle.set_serving(False)
+        self.handle.server.stop(grace).wait()
+        if self.release is not None:
+            self.release()
+
+    stop = close
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(service: Service, grace: float = 10.0, ready: threading.Event | None = None) -> None:
+    """Start the service, run its load step in this thread, serve until SIGTERM/SIGINT.
+
+    The server answers from the start (health NOT_SERVING, RPCs UNAVAILABLE) and
+    its health follows the core from then on. `ready` is set once the load step
+    returned. On a signal, health flips to NOT_SERVING first so load balancers stop
+    sending, in-flight RPCs get `grace` seconds, then the core is released.
     """
     stop = threading.Event()
 
     def _signal(signum, _frame):
-        log.info("%s: received %s, shutting down", handle.service, signal.Signals(signum).name)
+        log.info("%s: received %s, shutting down", service.name, signal.Signals(signum).name)
         stop.set()
         if loading.is_set():  # interrupt a model load too
             raise KeyboardInterrupt
@@ -206,28 +290,22 @@ def serve(handle: ServerHandle, grace: float = 10.0, on_stop: Callable[[], None]
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-    handle.server.start()
-    log.info("%s listening on port %d", handle.service, handle.port)
+    service.start()
     try:
-        if load is not None:
-            loading.set()
-            try:
-                load()
-            finally:
-                loading.clear()
+        loading.set()
+        try:
+            service.load()
+        finally:
+            loading.clear()
         if not stop.is_set():
-            handle.set_serving(True)
             if ready is not None:
                 ready.set()
             stop.wait()
     except KeyboardInterrupt:
-        log.info("%s: interrupted while loading", handle.service)
+        log.info("%s: interrupted while loading", service.name)
     finally:
-        handle.set_serving(False)
-        handle.server.stop(grace).wait()
-        if on_stop is not None:
-            on_stop()
-        log.info("%s stopped", handle.service)
+        service.close(grace)
+        log.info("%s stopped", service.name)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,11 +1,46 @@
-"""The code-augmented step format of rStar-Math (spec section 1).
+"""The code-augmented step format of rStar-Math (spec section 1), and what a step means.
 
 A trajectory is `<code>` + steps (python whose first lines are `#` comments,
 each ending with `<end_of_step>`; the last code step ends with `<end_of_code>`),
 then the system-appended `<output>...<end_of_output>`, then an `<answer>` step
 ending with `<end_of_answer>` that carries `\\boxed{...}`.
 
-Everything here is pure string handling: no model, no execution.
+`classify_candidate` is the one meaning of a generated step, used by the
+search (`rstar.search.mcts.expand_leaf`), `rstar eval` and synthesis alike:
+
+1. The model's text ends at its first stop string (`STOP_STRINGS`). Before
+   that, it is cut at the first marker only the system may write
+   (`<output>`, `<end_of_output>`, any chat-template token `<|...|>` such as
+   `<|user|>`, `<|assistant|>`, `<|im_start|>` (a new chat turn), and
+   `<answer>` outside an answer step; inside an answer step also `<code>` and
+   a second `<answer>`). Nothing after the cut is kept, so text the model
+   invents after a program line (its own "output", an answer, a next turn)
+   never becomes an answer. A code step cut there closes the code block
+   (`<end_of_code>` is appended): the system runs the program and appends the
+   real output. An answer step cut there is closed with `<end_of_answer>`.
+2. An *answer step* is a step that starts as one: its text (leading
+   whitespace aside) starts with `<answer>`, or it has no code marker
+   (`<code>`, `<end_of_step>`, `<end_of_code>`) and either carries `\\boxed`
+   or ends with `<end_of_answer>`. Its answer is the content of its last
+   `\\boxed{}`; an answer step without a complete `\\boxed{}` fails
+   (`unboxed_answer`). Every other step is a *code step*; a code step that
+   carries `\\boxed` or ends with `<end_of_answer>` fails (`answer_in_code`):
+   an answer comes only from a well-formed answer step.
+3. A step whose kept text reached the token limit (`finish_reason ==
+   "length"`, not cut) fails (`length`), answer steps included: a cut-off
+   answer is not well-formed. A code step with nothing but markers fails
+   (`empty`); one that ended without a stop string and was not cut fails
+   (`incomplete`). An answer step that ended without `<end_of_answer>` (end of
+   sequence) is still an answer; `well_formed` is False for it.
+4. The first step of a trajectory opens the `<code>` block (prepended when
+   the model's code step does not start with it).
+
+Program output enters prompts and trees only through `output_step`, which
+escapes step markers and chat tokens (`escape_output`), so a program that
+prints `<end_of_step>` or `<answer>\\boxed{5}` cannot forge steps.
+
+Everything here is pure string handling: no model, no execution, no grading
+(`rstar.grading` decides whether an answer is right).
 """
 
 from __future__ import annotations
@@ -19,13 +54,19 @@ END_OF_ANSWER = "<end_of_answer>"
 STOP_STRINGS = (END_OF_STEP, END_OF_CODE, END_OF_ANSWER)
 CODE_START = "<code>"
 OUTPUT_START = "<output>"
-# What generation stops at: the spec's three markers, plus `<output>`, which only the
-# system may write (a model that starts writing its own output is stopped there, and the
-# step is taken as closing the code block, see `normalize_candidate`).
+# What every policy stops generation at (vLLM service, local transformers policy, teacher
+# endpoint): the spec's three markers, plus `<output>`, which only the system may write (a model
+# that starts writing its own output is stopped there, and `classify_candidate` takes the step as
+# closing the code block). Four strings: the most an OpenAI-compatible `stop` accepts. Other
+# system-only markers are not stops; `classify_candidate` cuts a step at them.
 GENERATION_STOPS = STOP_STRINGS + (OUTPUT_START,)
 OUTPUT_END = "<end_of_output>"
 ANSWER_START = "<answer>"
 SPECIAL_TOKENS = (CODE_START, END_OF_STEP, END_OF_CODE, OUTPUT_START, OUTPUT_END, ANSWER_START, END_OF_ANSWER)
+CODE_MARKERS = (CODE_START, END_OF_STEP, END_OF_CODE)
+# A chat-template token (`<|user|>`, `<|assistant|>`, `<|im_start|>`, `<|endoftext|>`, ...): a
+# model that writes one is inventing the next turn of the conversation.
+CHAT_TOKEN = re.compile(r"<\|[A-Za-z0-9_\-]{1,40}\|>")
 
 INSTRUCTION = "Let's think step by step and solve the problem with code."
 
@@ -54,21 +95,47 @@ FEW_SHOT = [
 ]
 
 
-def question_prompt(question: str) -> str:
+# Prompt styles: how the question and the worked examples are wrapped around the steps.
+#   rstar   the paper's plain format (`<|user|>:` / `<|assistant|>:`), for models without a
+#           chat template of their own (SmolLM2 here; the authors' policy models)
+#   chatml  the `<|im_start|>role ... <|im_end|>` turns of Qwen's chat template, with a system
+#           message that states the step format; an instruct model follows its own template better
+PROMPT_STYLES = ("rstar", "chatml")
+SYSTEM_PROMPT = (
+    "You solve math problems by writing Python step by step. Each step starts with a `#` comment that "
+    "explains it, then code, and ends with <end_of_step>; the last code step prints the result and ends "
+    "with <end_of_code>. After the program's output, state the final answer as "
+    "<answer>...\\boxed{answer}<end_of_answer>."
+)
+
+
+def question_prompt(question: str, style: str = "rstar") -> str:
+    if style == "chatml":
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
     return f"<|user|>:\n{question}\n\n<|assistant|>: {INSTRUCTION}\n"
 
 
-def render_prompt(question: str, steps: list[str] | tuple[str, ...], few_shot: bool = True) -> str:
-    """The model input for a prefix: (few-shot examples +) question + steps so far.
+def _example_end(style: str) -> str:
+    return "<|im_end|>\n" if style == "chatml" else "\n\n"
 
+
+def render_prompt(question: str, steps: list[str] | tuple[str, ...], few_shot: bool | int = True,
+                  style: str = "rstar") -> str:
+    """The model input for a prefix: (worked examples +) question + steps so far.
+
+    `few_shot`: True = every example in `FEW_SHOT`, False/0 = none, N = the first N.
     The first step is primed with `<code>\\n` when no step exists yet, so the
     model starts writing python right away.
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
+    n_examples = len(FEW_SHOT) if few_shot is True else int(few_shot or 0)
     parts: list[str] = []
-    if few_shot:
-        for q, ex_steps in FEW_SHOT:
-            parts.append(question_prompt(q) + "".join(ex_steps) + "\n\n")
-    parts.append(question_prompt(question))
+    if style == "chatml":
+        parts.append(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
+    for q, ex_steps in FEW_SHOT[:n_examples]:
+        parts.append(question_prompt(q, style) + "".join(ex_steps) + _example_end(style))
+    parts.append(question_prompt(question, style))
     body = "".join(steps)
     if not steps:
         body = CODE_START + "\n"
@@ -83,15 +150,8 @@ def _has_answer_marker(text: str) -> bool:
 
 
 def normalize_candidate(text: str, is_first: bool) -> str:
-    """Canonical step text: the first step always opens the `<code>` block, and a step in
-    which the model writes `<output>` itself is cut there and closes the code block (the
-    system runs the program and appends the real output)."""
-    pos = text.find(OUTPUT_START)
-    if pos >= 0 and "\\boxed" not in text[:pos] and ANSWER_START not in text[:pos]:
-        text = text[:pos].rstrip() + "\n" + END_OF_CODE
-    if is_first and not text.lstrip().startswith(CODE_START) and not _has_answer_marker(text):
-        return CODE_START + "\n" + text.lstrip("\n")
-    return text
+    """Canonical step text of a candidate (see `classify_candidate`)."""
+    return classify_candidate(text, "stop", is_first).text
 
 
 @dataclass(frozen=True)
@@ -148,6 +208,109 @@ def parse_step(text: str) -> ParsedStep:
                       complete=complete)
 
 
+# --------------------------------------------------------------------------- one meaning of a step
+
+ANSWER, CODE, ENDS_CODE, FAILURE = "answer", "code", "ends_code", "failure"
+
+
+@dataclass(frozen=True)
+class ClassifiedStep:
+    """What a generated candidate means (rules in the module docstring)."""
+
+    text: str                   # canonical step text: what enters the prefix, the tree and the program
+    kind: str                   # ANSWER, CODE (the block stays open), ENDS_CODE (run it, output follows), FAILURE
+    failure: str = ""           # for FAILURE: "length", "empty", "incomplete", "unboxed_answer", "answer_in_code"
+    code: str = ""              # python of this step ("" for an answer step)
+    ends_code: bool = False     # the text closes the <code> block
+    answer: str | None = None   # content of the last \boxed{} of an answer step
+    cut_at: str = ""            # the system-only marker the model's text was cut at ("" if none)
+    well_formed: bool = False   # the model itself ended the step with a stop string (not cut, not cut off)
+
+    @property
+    def is_answer(self) -> bool:
+        return self.kind == ANSWER
+
+    @property
+    def failed(self) -> bool:
+        return self.kind == FAILURE
+
+
+def _first_stop_end(text: str, start: int) -> int:
+    """Index just past the first stop string at or after `start`, or -1."""
+    ends = [pos + len(s) for s in STOP_STRINGS if (pos := text.find(s, start)) >= 0]
+    return min(ends) if ends else -1
+
+
+def _first_system_marker(text: str, start: int, answer_step: bool) -> tuple[int, str]:
+    """(position, marker) of the first marker the model may not write here, or (-1, "")."""
+    markers = (OUTPUT_START, OUTPUT_END, ANSWER_START) + ((CODE_START,) if answer_step else ())
+    best_pos, best = -1, ""
+    for m in markers:
+        pos = text.find(m, start)
+        if pos >= 0 and (best_pos < 0 or pos < best_pos):
+            best_pos, best = pos, m
+    chat = CHAT_TOKEN.search(text, start)
+    if chat and (best_pos < 0 or chat.start() < best_pos):
+        best_pos, best = chat.start(), chat.group(0)
+    return best_pos, best
+
+
+def classify_candidate(text: str, finish_reason: str = "stop", is_first: bool = False) -> ClassifiedStep:
+    """The one classification of a policy candidate (search, eval and synthesis all use it).
+
+    `finish_reason` is the policy's ("stop" or "length"); `is_first` says the step
+    is the first of its trajectory (it must open the `<code>` block).
+    """
+    lead = len(text) - len(text.lstrip())
+    answer_led = text.startswith(ANSWER_START, lead)
+    start = lead + len(ANSWER_START) if answer_led else 0   # the leading <answer> is the model's own
+    stop_end = _first_stop_end(text, start)
+    cut_pos, cut_at = _first_system_marker(text, start, answer_led)
+    if cut_pos >= 0 and (stop_end < 0 or cut_pos < stop_end):
+        head = text[:cut_pos]
+    else:
+        # real policies end a candidate at its first stop string; anything a fake adds is dropped
+        cut_at = ""
+        head = text[:stop_end] if stop_end >= 0 else text
+    cut = bool(cut_at)
+    ended = head.rstrip().endswith(STOP_STRINGS)
+    # the token limit matters only if the kept text ran into it (a cut drops what came after)
+    cut_off = finish_reason == "length" and not cut
+    well_formed = ended and not cut and not cut_off
+    has_code_marker = any(m in head for m in CODE_MARKERS)
+    claims_answer = "\\boxed" in head or head.rstrip().endswith(END_OF_ANSWER)
+
+    if answer_led or (not has_code_marker and claims_answer):
+        body = head.rstrip() + END_OF_ANSWER if cut else head
+        if cut_off:
+            return ClassifiedStep(body, FAILURE, "length", cut_at=cut_at)
+        answer = extract_boxed(head)
+        if answer is None:
+            return ClassifiedStep(body, FAILURE, "unboxed_answer", cut_at=cut_at, well_formed=well_formed)
+        return ClassifiedStep(body, ANSWER, answer=answer, cut_at=cut_at, well_formed=well_formed)
+
+    code = step_code(head)
+    body = head.rstrip() + "\n" + END_OF_CODE if cut and code.strip() else head
+    if is_first and not body.lstrip().startswith(CODE_START):
+        body = CODE_START + "\n" + body.lstrip("\n")
+    ends_code = END_OF_CODE in body
+
+    def failed(reason: str) -> ClassifiedStep:
+        return ClassifiedStep(body, FAILURE, reason, code=code, ends_code=ends_code, cut_at=cut_at,
+                              well_formed=well_formed)
+
+    if cut_off:
+        return failed("length")
+    if not head.strip() or not (code.strip() or ends_code):
+        return failed("empty")          # nothing but markers
+    if claims_answer:
+        return failed("answer_in_code")  # an answer outside a well-formed answer step
+    if not ended and not cut:
+        return failed("incomplete")     # ended without a stop string and without an answer
+    return ClassifiedStep(body, ENDS_CODE if ends_code else CODE, code=code, ends_code=ends_code, cut_at=cut_at,
+                          well_formed=well_formed)
+
+
 def current_code_block(steps: list[str] | tuple[str, ...]) -> list[str]:
     """Steps of the open `<code>` block: everything after the last output/answer step."""
     block: list[str] = []
@@ -167,9 +330,18 @@ def assemble_program(steps: list[str] | tuple[str, ...], new_step: str) -> str:
     return "\n".join(c for c in codes if c.strip()) + "\n"
 
 
+_FORGEABLE = re.compile("|".join([re.escape(m) for m in SPECIAL_TOKENS] + [CHAT_TOKEN.pattern]))
+
+
+def escape_output(stdout: str) -> str:
+    """Program output with step markers and chat tokens defused (`<end_of_step>` becomes
+    `&lt;end_of_step>`), so printed text cannot forge a step or a turn. Idempotent."""
+    return _FORGEABLE.sub(lambda m: "&lt;" + m.group(0)[1:], stdout)
+
+
 def output_step(stdout: str) -> str:
-    """The system-written step appended after a step that ends the code block."""
-    return f"\n{OUTPUT_START}{stdout.strip()}{OUTPUT_END}"
+    """The system-written step appended after a step that ends the code block (output escaped)."""
+    return f"\n{OUTPUT_START}{escape_output(stdout.strip())}{OUTPUT_END}"
 
 
 def output_is_failure(stdout: str) -> bool:
@@ -178,4 +350,17 @@ def output_is_failure(stdout: str) -> bool:
 
 
 def max_prompt_chars() -> int:
-    return len(render_prompt("", [], few_shot=True))
+    return max(len(render_prompt("", [], few_shot=True, style=st)) for st in PROMPT_STYLES)
+
+
+def steps_added(text: str, output: str, *, ends_code: bool, failed: bool, is_answer: bool) -> tuple[str, ...]:
+    """What one step adds to the prefix its successors see (the prefix rule, defined once).
+
+    Its own text; after a step that closes the code block and ran cleanly, also the
+    system-written output step. A failed step or an answer step adds only its text.
+    Used by the search tree (`rstar.search.mcts.Node`) and the stored tree records
+    (`rstar.trees.NodeRecord`), so a stored prefix is exactly what the models saw.
+    """
+    if ends_code and not failed and not is_answer:
+        return (text, output_step(output))
+    return (text,)

@@ -176,6 +176,12 @@ def _print_endpoints(eps: dict[str, Endpoint]) -> None:
     print(f"logs: {home_dir() / 'logs'}")
 
 
+def _model_args(args) -> dict[str, list[str]]:
+    """`--model NAME` for the policy and PPM services (an embedded model's name or a directory)."""
+    model = getattr(args, "model", "") or ""
+    return {"policy": ["--model", model], "ppm": ["--model", model]} if model else {}
+
+
 def cmd_up(args) -> int:
     eps = endpoints(args.host, args.base_port)
     run = _run_dir()
@@ -189,7 +195,8 @@ def cmd_up(args) -> int:
     if not _check_ports(eps):
         return 1
     _eprint("starting policy, ppm, sandbox and search (first start converts the default model, ~1 min)...")
-    procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
+    procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
+                           service_args=_model_args(args))
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
     except (RuntimeError, TimeoutError, KeyboardInterrupt) as e:
@@ -392,7 +399,8 @@ def cmd_demo(args) -> int:
     if not _check_ports(eps):
         return 1
     _eprint("rstar demo: starting the four services on loopback (first start converts the default model, ~1 min)...")
-    procs = start_services(eps, store_url=None if args.no_registry else default_store_url())
+    procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
+                           service_args=_model_args(args))
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
         _print_endpoints(eps)
@@ -476,6 +484,14 @@ def _add_solve_args(p) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the search service to become reachable")
 
 
+def _add_model_arg(p) -> None:
+    from rstar.models import DEFAULT, EMBEDDED
+
+    p.add_argument("--model", default="", help=f"policy and PPM base model: an embedded model "
+                   f"({', '.join(EMBEDDED)}; default {DEFAULT.name}) or an HF directory; with the registry, "
+                   "it is what gets registered when nothing is promoted yet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rstar", description="rStar-Math services: solve, serve, evolve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -486,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-registry", action="store_true",
                    help="serve the model directories directly instead of the registry's promoted versions")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
+    _add_model_arg(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop services started with `rstar up --detach`")
@@ -509,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the services running afterwards (stop: rstar down)")
     p.add_argument("--no-registry", action="store_true",
                    help="serve the model directories directly instead of the registry's promoted versions")
+    _add_model_arg(p)
     p.set_defaults(func=cmd_demo, timeout=1800)
 
     p = sub.add_parser("serve", help="run one service in the foreground")

@@ -7,7 +7,9 @@ These are fakes of the *protocols* the MCTS core talks to, not of our services:
 - `HashScorer`: a PPM whose score is a stable hash of the prefix (or a table);
 - `InProcessExecutor`: runs the (trusted, test-written) programs with `exec`,
   capturing `print`; an `error` becomes failure "error";
-- `SimulatedLatency`: wraps any of them and sleeps like a batched model would.
+- `SimulatedLatency`: wraps any of them and sleeps like a batched model would;
+- `Gated`: wraps any of them; every call waits until the test opens the gate
+  (in-flight requests across a hot reload, deadlines, cancellation).
 Every answer depends only on the request item (prefix, n, seed), never on the
 rest of the batch, as the real services promise.
 """
@@ -21,7 +23,8 @@ import traceback
 from typing import Callable, Sequence
 
 from rstar import steps as stepfmt
-from rstar.search.mcts import Candidate, ExecResult, GenerationItem, SamplingParams, Versioned, derive_seed
+from rstar.protocols import Candidate, ExecResult, GenerationItem, SamplingParams, Versioned
+from rstar.search.mcts import derive_seed
 
 
 def _tokens(text: str) -> int:
@@ -232,6 +235,44 @@ class SimulatedLatency:
         res = self.inner.execute(programs, scope=scope)
         self._wait(self.base + self.per_item * len(programs))
         return res
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Gated:
+    """Wraps a fake; each call records its scope, sets `entered`, and waits until `gate` is set.
+
+    While it waits, a stopped scope (the caller went away, or its deadline passed)
+    ends the call with `Cancelled`/`DeadlineExceeded`, as a real engine would.
+    """
+
+    def __init__(self, inner, version: str | None = None):
+        self.inner = inner
+        self.version = version or getattr(inner, "version", "")
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.scopes: list = []
+
+    def _wait(self, scope) -> None:
+        self.scopes.append(scope)
+        self.entered.set()
+        while not self.gate.wait(0.01):
+            if scope is not None:
+                scope.check()
+
+    def generate(self, items, params, scope=None):
+        self._wait(scope)
+        res = self.inner.generate(items, params, scope=scope)
+        return Versioned(res, self.version, getattr(res, "prompt_tokens", ()))
+
+    def score(self, prefixes, scope=None):
+        self._wait(scope)
+        return Versioned(self.inner.score(prefixes, scope=scope), self.version)
+
+    def execute(self, programs, scope=None):
+        self._wait(scope)
+        return self.inner.execute(programs, scope=scope)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -100,5 +100,6 @@ def split_into_wheels(gguf_file: Path, out_dir: Path, parts: int = 3, package: s
             z.writestr(part.member, data[(i - 1) * size:i * size])
         entries.append(WheelPart(part.package, version, hashlib.sha256(whl.read_bytes()).hexdigest(), part.member))
     return EmbeddedModel(name="tiny-qwen2", base_version="base-tiny-qwen2", description="test", dtype="float32",
+                         prompt_style="chatml",
                          gguf_file="tiny.gguf", gguf_sha256=hashlib.sha256(data).hexdigest(), gguf_bytes=len(data),
                          parts=tuple(entries))

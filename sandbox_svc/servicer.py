@@ -1,4 +1,7 @@
-"""SandboxService servicer: protobuf <-> `Sandbox`, validation, deadlines, error codes."""
+"""SandboxService servicer: protobuf <-> `Sandbox`, validation, deadlines, error codes.
+
+Not here: running programs (`rstar.sandbox.pool`), the server and its health (`sandbox_svc.server`).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """`python -m search_svc`: the SearchService process.
 
+`create_server(config, core=None)` returns the `rstar.server.Service` every
+service returns; the core is `rstar.search.core.SearchCore` (MCTS over the
+engine protocols), this module only wires it to gRPC clients and health.
 Health is SERVING only while the policy, PPM and sandbox services all answer
 Info with ready=true (`DownstreamMonitor` keeps polling and flips back to
 NOT_SERVING when one goes away).
@@ -13,7 +16,7 @@ import threading
 
 from rstar import metrics
 from rstar.config import parse
-from rstar.server import ServerHandle, create_grpc_server, serve, setup_logging
+from rstar.server import ServerHandle, Service, create_grpc_server, serve, setup_logging
 from rstar.v1 import search_pb2, search_pb2_grpc
 from rstar.clients import PolicyClient, PPMClient, SandboxClient, wait_ready
 from search_svc.config import SearchConfig
@@ -77,31 +80,37 @@ class DownstreamMonitor:
         return self.ready, dict(self.versions)
 
 
-def create_server(config: SearchConfig, policy=None, scorer=None, executor=None, store=None
-                  ) -> tuple[ServerHandle, SearchServicer]:
-    """Build the server (not started). Downstream clients come from the config unless given.
+def create_server(config: SearchConfig, core: SearchCore | None = None, *, policy=None, scorer=None,
+                  executor=None, store=None) -> Service:
+    """Build the service (not started); returns the `Service` every service returns.
 
-    The returned servicer carries `.monitor` (start it after the server) and `.close()`.
+    `core`: a `SearchCore` to serve as it is. Without one, the core is built from
+    `policy`/`scorer`/`executor`/`store` where given, else from the config (gRPC
+    clients of the three services, the configured store). Health follows the
+    downstream services that answer Info (`DownstreamMonitor`, started by the load
+    step, also at `servicer.monitor`); with none to watch, the service is SERVING at once.
     """
     config.validate()
     clients = []
-    if policy is None:
-        policy = PolicyClient(config.policy_address, config.call_timeout_s, config.call_retries,
-                              config.retry_backoff_s)
-        clients.append(policy)
-    if scorer is None:
-        scorer = PPMClient(config.ppm_address, config.call_timeout_s, config.call_retries, config.retry_backoff_s)
-        clients.append(scorer)
-    if executor is None:
-        executor = SandboxClient(config.sandbox_address, config.call_timeout_s, config.call_retries,
-                                 config.retry_backoff_s, wall_seconds=config.execution_wall_s)
-        clients.append(executor)
-    if store is None:
-        from rstar.store import open_store
+    if core is None:
+        if policy is None:
+            policy = PolicyClient(config.policy_address, config.call_timeout_s, config.call_retries,
+                                  config.retry_backoff_s)
+            clients.append(policy)
+        if scorer is None:
+            scorer = PPMClient(config.ppm_address, config.call_timeout_s, config.call_retries,
+                               config.retry_backoff_s)
+            clients.append(scorer)
+        if executor is None:
+            executor = SandboxClient(config.sandbox_address, config.call_timeout_s, config.call_retries,
+                                     config.retry_backoff_s, wall_seconds=config.execution_wall_s)
+            clients.append(executor)
+        if store is None:
+            from rstar.store import open_store
 
-        store = open_store(config.store_url or None)
-    core = SearchCore(policy, executor, scorer, store,
-                      Admission(config.max_concurrent_searches, config.max_queued_searches))
+            store = open_store(config.store_url or None)
+        core = SearchCore(policy, executor, scorer, store,
+                          Admission(config.max_concurrent_searches, config.max_queued_searches))
     servicer = SearchServicer(config, core)
 
     def register(server):
@@ -109,18 +118,29 @@ def create_server(config: SearchConfig, policy=None, scorer=None, executor=None,
         return [SERVICE_NAME]
 
     handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers)
-    monitor = DownstreamMonitor([c for c in (policy, scorer, executor) if hasattr(c, "info")], handle,
-                                config.health_poll_s)
+    watched = [c for c in (core.policy, core.scorer, core.executor) if c is not None and hasattr(c, "info")]
+    monitor = DownstreamMonitor(watched, handle, config.health_poll_s)
     servicer.info = monitor.info
     servicer.monitor = monitor
 
-    def close():
+    def load_step() -> None:
+        # "loaded" = every downstream service answers ready; the monitor keeps watching afterwards
+        monitor.start()
+        while not monitor.ready_event.wait(0.5):
+            pass
+
+    def release() -> None:
         monitor.stop()
         for c in clients:
             c.close()
 
-    servicer.close = close
-    return handle, servicer
+    servicer.close = release
+    if not watched:
+        monitor.ready = True
+        monitor.ready_event.set()
+        handle.set_serving(True)
+    return Service(handle, servicer, load_step=load_step if watched else None, release=release,
+                   core_of=lambda: core)
 
 
 def main(argv=None) -> int:
@@ -129,18 +149,11 @@ def main(argv=None) -> int:
     setup_logging(config.log_level)
     if config.metrics_port >= 0:
         metrics.start_metrics_server(config.metrics_port)
-    handle, servicer = create_server(config)
+    service = create_server(config)
     log.info("search: policy=%s ppm=%s sandbox=%s, default budget %d rollouts x k=%d, depth %d",
              config.policy_address, config.ppm_address, config.sandbox_address, config.rollouts,
              config.candidates, config.max_depth)
-
-    def load():
-        # "loaded" = every downstream service answers ready; the monitor keeps watching afterwards
-        servicer.monitor.start()
-        while not servicer.monitor.ready_event.wait(0.5):
-            pass
-
-    serve(handle, load=load, on_stop=servicer.close)
+    serve(service)
     return 0
 
 

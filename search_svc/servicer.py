@@ -25,7 +25,8 @@ from rstar.search import selection
 from rstar.clients import DownstreamError
 from search_svc.config import SearchConfig
 from rstar.search.core import Busy, SearchCore, SearchOptions, SynthesisProblem
-from rstar.search.engine import CallScope, Cancelled, DeadlineExceeded, Progress, Stats
+from rstar.protocols import CallScope, Cancelled, DeadlineExceeded
+from rstar.search.engine import Progress, Stats
 from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED
 from rstar.trees import SHARD_NAME
 

@@ -45,6 +45,17 @@ def test_convert_folds_note_free_lines_and_rejects_unusable_solutions():
     assert bootstrap.convert_solution("x", "q", "Bad <<__import__('os')=1>>\n#### 1", "1") is None
 
 
+def test_converted_steps_mean_the_same_to_the_search_and_marker_quoting_lines_are_rejected():
+    c = bootstrap.convert_solution("g/0", NATALIA, NATALIA_SOL, "72")
+    kinds = [stepfmt.classify_candidate(s, "stop", is_first=i == 0).kind for i, s in enumerate(c.steps)]
+    assert kinds == [stepfmt.CODE, stepfmt.CODE, stepfmt.ENDS_CODE]
+    ans = stepfmt.classify_candidate(c.trajectory("72")[-1], "stop")
+    assert ans.is_answer and ans.answer == "72" and ans.well_formed
+    # a comment quoting a system marker would be cut by the search: not a usable conversion
+    assert bootstrap.convert_solution("x", "q", "So <output> is 2+2 = <<2+2=4>>4.\n#### 4", "4") is None
+    assert bootstrap.convert_solution("x", "q", "So \\boxed{4} is 2+2 = <<2+2=4>>4.\n#### 4", "4") is None
+
+
 class _Exec:
     """A stand-in executor for a wrong-output case (the sandbox itself is used below)."""
 
@@ -83,7 +94,8 @@ def test_gsm8k_rows_verified_in_the_sandbox_become_sft_trees():
     # the stored tree is in the trajectory-store schema
     from rstar import trees as traj
 
-    assert traj.check_tree(trees[0]) and traj.prefix_steps(trees[0], len(trees[0]["nodes"]) - 1) == list(c.trajectory(out))
+    record = traj.TreeRecord.from_dict(trees[0].to_dict())   # survives the round trip through the schema
+    assert record.prefix_steps(len(record.nodes) - 1) == list(c.trajectory(out))
 
 
 def _has_data() -> bool:
@@ -150,7 +162,7 @@ def test_teacher_policy_speaks_openai_completions(teacher_server):
     path, body, auth = _Teacher.requests[0]
     assert path == "/v1/completions" and auth == "Bearer k"
     assert body["prompt"] == stepfmt.render_prompt("What is 1+2?", list(item.steps), few_shot=False)
-    assert body["n"] == 3 and body["stop"] == list(stepfmt.STOP_STRINGS) and body["seed"] == 42
+    assert body["n"] == 3 and body["stop"] == list(stepfmt.GENERATION_STOPS) and body["seed"] == 42
     assert body["max_tokens"] == 64 and body["temperature"] == 0.5
     texts = [c.text for c in out[0]]
     assert texts[0] == "\n<answer>\\boxed{3}<end_of_answer>"              # ordered by index

@@ -16,7 +16,7 @@ import pytest
 from kubernetes.client import V1Job, V1JobCondition, V1JobList, V1JobStatus, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
 
-from rstar import metrics
+from rstar import metrics, rounds
 from rstar.store import LocalStore
 from trainer import controller as ctl
 from trainer.controller import Controller, ControllerConfig, Task
@@ -222,7 +222,7 @@ def test_full_round_runs_stages_in_order_with_parallel_shards(tmp_path):
 
     store.put("rounds/round-1/synthesis.json", json.dumps({"solved": 3, "total": 4}).encode())
     state = drive(c, store, clock, api, tick)
-    assert state["status"] == "succeeded" and state["round"] == 1
+    assert state.status == "succeeded" and state.round == 1
     created = [n for op, n in api.calls if op == "create"]
     assert created == ["rstar-r1-synthesis-0-a1", "rstar-r1-synthesis-1-a1", "rstar-r1-synthesis-2-a1",
                        "rstar-r1-train-policy-a1", "rstar-r1-train-ppm-a1", "rstar-r1-eval-a1",
@@ -239,7 +239,7 @@ def test_full_round_runs_stages_in_order_with_parallel_shards(tmp_path):
     assert all(sel == "rstar.io/round=1" for op, sel in api.calls if op == "list")
     # the next run starts round 2
     nxt, why = ctl.choose_round(store, c, clock())
-    assert nxt["round"] == 2 and "starting" in why
+    assert nxt.round == 2 and "starting" in why
 
 
 def test_failed_shard_is_retried_as_a_new_attempt(tmp_path):
@@ -251,10 +251,10 @@ def test_failed_shard_is_retried_as_a_new_attempt(tmp_path):
             api.finish(name, ok=(name != "rstar-r1-synthesis-1-a1"), reason="OOMKilled")
 
     state = drive(c, store, clock, api, tick)
-    assert state["status"] == "succeeded"
-    t = state["tasks"]["synthesis-1"]
-    assert t["attempt"] == 2 and t["job"] == "rstar-r1-synthesis-1-a2"
-    assert t["failures"][0]["job"] == "rstar-r1-synthesis-1-a1" and "OOMKilled" in t["failures"][0]["reason"]
+    assert state.status == "succeeded"
+    t = state.tasks["synthesis-1"]
+    assert t.attempt == 2 and t.job == "rstar-r1-synthesis-1-a2"
+    assert t.failures[0].job == "rstar-r1-synthesis-1-a1" and "OOMKilled" in t.failures[0].reason
     assert ("delete", "rstar-r1-synthesis-1-a1") in api.calls
     assert ctl.TASK_RETRIES.labels("synthesis")._value.get() == retries_before + 1
 
@@ -268,28 +268,28 @@ def test_task_failing_every_attempt_fails_the_round(tmp_path):
             api.finish(name, ok=not name.startswith("rstar-r1-train-ppm"), reason="loss is NaN")
 
     state = drive(c, store, clock, api, tick)
-    assert state["status"] == "failed"
-    assert "train-ppm failed 2 times" in state["reason"] and "loss is NaN" in state["reason"]
+    assert state.status == "failed"
+    assert "train-ppm failed 2 times" in state.reason and "loss is NaN" in state.reason
     assert [n for op, n in api.calls if op == "create" and "train-ppm" in n] == [
         "rstar-r1-train-ppm-a1", "rstar-r1-train-ppm-a2"]
     assert not any("eval" in n for op, n in api.calls if op == "create")  # stopped: later stages never ran
     assert metrics.EVOLUTION_FAILURES._value.get() == failures_before + 1
     # auto does not resume a failed round: the next run starts a new one ...
     nxt, _ = ctl.choose_round(store, c, clock())
-    assert nxt["round"] == 2
+    assert nxt.round == 2
     # ... an explicit --round 1 re-runs only what did not succeed, with fresh tries
     c1 = cfg(round="1")
     again, why = ctl.choose_round(store, c1, clock())
-    assert "re-running" in why and again["tasks"]["train-policy"]["status"] == "succeeded"
+    assert "re-running" in why and again.tasks["train-policy"].status == "succeeded"
     state = Controller(c1, api, store, "rstar", clock=clock, sleep=lambda s: succeed_all(api, 0)).run(again)
-    assert state["status"] == "succeeded"
-    assert state["tasks"]["train-ppm"]["job"] == "rstar-r1-train-ppm-a3"
+    assert state.status == "succeeded"
+    assert state.tasks["train-ppm"].job == "rstar-r1-train-ppm-a3"
 
 
 def test_round_stops_on_deadline_and_deletes_running_jobs(tmp_path):
     c, store, clock, api = make(tmp_path, round_deadline_seconds=100, poll_seconds=30)
     state = drive(c, store, clock, api, lambda api, n: None)  # Jobs never finish
-    assert state["status"] == "failed" and "deadline" in state["reason"]
+    assert state.status == "failed" and "deadline" in state.reason
     assert api.jobs == {}  # both running shard Jobs deleted
     deleted = [n for op, n in api.calls if op == "delete"]
     assert sorted(deleted) == ["rstar-r1-synthesis-0-a1", "rstar-r1-synthesis-1-a1"]
@@ -319,7 +319,7 @@ def test_crashed_controller_resumes_round_and_adopts_jobs(tmp_path):
     assert why == "resuming round 1"
     api.calls.clear()
     state = Controller(c, api, store, "rstar", clock=clock, sleep=lambda s: succeed_all(api, 0)).run(state)
-    assert state["status"] == "succeeded"
+    assert state.status == "succeeded"
     created = [n for op, n in api.calls if op == "create"]
     # synthesis is not re-run; the running train-policy Job is adopted, not recreated
     assert not any("synthesis" in n for n in created)
@@ -331,13 +331,12 @@ def test_crashed_controller_resumes_round_and_adopts_jobs(tmp_path):
 def test_crash_between_saving_and_creating_recreates_same_job(tmp_path):
     """State says a Job runs but the API has none (crash before create, or the Job was deleted)."""
     c, store, clock, api = make(tmp_path, shards=1)
-    state = ctl.new_state(c, 5, clock())
-    state["tasks"]["synthesis-0"].update(status="running", attempt=1, tries=1, job="rstar-r5-synthesis-0-a1")
-    ctl.save_state(store, state, clock())
+    state = rounds.task_started(ctl.new_state(c, 5, clock()), "synthesis-0", "rstar-r5-synthesis-0-a1", clock())
+    rounds.save_state(store, state, clock())
     state, why = ctl.choose_round(store, cfg(shards=1, round="5"), clock())
-    Controller(c, api, store, "rstar", clock=clock, sleep=lambda s: None).step(state)
+    state = Controller(c, api, store, "rstar", clock=clock, sleep=lambda s: None).step(state)
     assert [n for op, n in api.calls if op == "create"] == ["rstar-r5-synthesis-0-a1"]  # same name, same attempt
-    assert state["tasks"]["synthesis-0"]["attempt"] == 1
+    assert state.tasks["synthesis-0"].attempt == 1
 
 
 def test_create_conflict_is_adopted_and_api_errors_are_survived(tmp_path):
@@ -346,9 +345,9 @@ def test_create_conflict_is_adopted_and_api_errors_are_survived(tmp_path):
     api.create_namespaced_job("rstar", ctl.build_job(c, "rstar", 1, Task("synthesis", 0), 1))
     api.fail_list = 2  # the API server is flaky for two polls
     state = drive(c, store, clock, api, succeed_all)
-    assert state["status"] == "succeeded"
+    assert state.status == "succeeded"
     assert [n for op, n in api.calls if op == "create"].count("rstar-r1-synthesis-0-a1") == 2  # 1 ours + 1 conflict
-    assert state["tasks"]["synthesis-0"]["attempt"] == 1
+    assert state.tasks["synthesis-0"].attempt == 1
 
 
 def test_explicit_round_that_succeeded_does_nothing(tmp_path):

@@ -28,7 +28,8 @@ def test_demo_solves_through_the_four_services(tmp_path, default_model_dir):
     env = dict(os.environ, RSTAR_HOME=str(home))
     out = subprocess.run(
         [sys.executable, "-m", "rstar_cli.main", "demo", "What is 12 times 3?", "--base-port", str(base),
-         "--rollouts", "2", "-k", "2", "--max-depth", "4", "--seed", "1", "--json"],
+         "--rollouts", "2", "-k", "2", "--max-depth", "4", "--seed", "1", "--json",
+         "--model", "smollm2-135m-instruct"],   # the fast embedded model (the default is Qwen2.5-Coder-0.5B)
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     logs = "".join((home / "logs" / f"{n}.log").read_text()[-3000:] for n in ("policy", "search")

@@ -1,4 +1,4 @@
-"""`rstar eval`: grading with math-verify, step-wise rollouts, majority vote, report and plot."""
+"""`rstar eval`: grading with the project grader, step-wise rollouts, majority vote, report and plot."""
 
 from __future__ import annotations
 
@@ -44,11 +44,14 @@ def policy():
     ("72", "72", True), ("72.0", "72", True), ("\\frac{1}{2}", "0.5", True), ("1/2", "\\frac12", True),
     ("8", "72", False), (None, "72", False), ("", "1", False), ("x^2+2x", "2x + x^2", True),
 ])
-def test_grade_uses_math_verify(pred, gold, ok):
+def test_grade_uses_the_project_grader(pred, gold, ok):
+    from rstar import grading
+
     correct, how = evaluate.grade(pred, gold)
     assert correct is ok
+    assert (correct, how) == (grading.grade(pred, gold).equal, grading.grade(pred, gold).method)
     if pred:
-        assert how in ("math-verify", "rstar.grading")
+        assert how in (grading.EXACT, grading.NUMERIC, grading.SYMBOLIC)
 
 
 def test_vote_groups_equivalent_answers():

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from rstar import rounds
 from rstar.registry import ModelRegistry
 from rstar.store import open_store
 from rstar import trees as traj
 from trainer import evolve, publish
+from trainer.stages.promote import stage_promote
 
 SOLVED = [
     ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -56,11 +58,9 @@ def test_round_killed_after_synthesis_resumes_at_training(setup):
 
     with pytest.raises(KeyboardInterrupt):
         evolve.evolve(ctx, 1, on_task=kill_at_training)
-    from trainer.controller import load_state
-
-    st = load_state(ctx.store, 1)   # the controller's schema: it can adopt a locally started round
-    assert st["status"] == "running" and st["tasks"]["synthesis-0"]["status"] == "succeeded"
-    assert st["tasks"]["train-policy"]["status"] == "running"
+    st = rounds.load_state(ctx.store, 1)   # the state the controller keeps too: it can adopt this round
+    assert st.status == "running" and st.tasks["synthesis-0"].status == "succeeded"
+    assert st.tasks["train-policy"].status == "running" and st.driver == evolve.LOCAL_DRIVER
     shards = {i.shard: i.manifest["sha256"] for i in traj.list_complete_shards(ctx.store, 1)}
     assert sorted(shards) == ["shard-000-0000", "shard-000-0001"]   # dev0 left out of the pool: 4 problems
     synth = json.loads(ctx.store.get("rounds/round-1/synthesis.json"))
@@ -100,14 +100,14 @@ def test_failed_gate_leaves_current_unchanged(tmp_path):
     ctx = evolve.Context(cfg)
     ctx.registry = reg
     history = len(reg.history("policy"))
-    ctx.put_json(evolve.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.40},
+    ctx.put_json(rounds.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.40},
                                                  "current": {"version": "r1", "greedy_accuracy": 0.50}})
-    out = evolve.stage_promote(ctx, 2)
+    out = stage_promote(ctx, 2)
     assert out["promoted"] is False and "regresses" in out["gate"]["reason"]
     assert reg.current("policy") == "r1" and len(reg.history("policy")) == history
-    ctx.put_json(evolve.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.46},
+    ctx.put_json(rounds.summary_key(2, "eval"), {"candidate": {"version": "r2", "greedy_accuracy": 0.46},
                                                  "current": {"version": "r1", "greedy_accuracy": 0.50}})
-    out = evolve.stage_promote(ctx, 2)
+    out = stage_promote(ctx, 2)
     assert out["promoted"] is True and reg.current("policy") == "r2"
 
 
@@ -144,7 +144,14 @@ def test_config_and_stage_errors(tmp_path):
         evolve.run_stage(ctx, "synthesis", 1)
     with pytest.raises(evolve.StageError, match="no evaluation summary"):
         evolve.run_stage(ctx, "promote", 1)
-    assert set(evolve.STAGES) == set(__import__("trainer.controller", fromlist=["STAGES"]).STAGES)
+
+
+def test_stages_and_summary_keys_have_one_definition():
+    from trainer import controller, stages
+
+    assert evolve.STAGES is controller.STAGES is rounds.STAGES
+    assert set(stages.STAGE_FUNCTIONS) | {"synthesis"} == set(rounds.STAGES)
+    assert evolve.summary_key is controller.summary_key is rounds.summary_key
 
 
 def test_evolve_cli_argument_errors(tmp_path, capsys, monkeypatch):

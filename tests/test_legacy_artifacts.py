@@ -67,7 +67,6 @@ def test_legacy_model_versions_load_and_score_the_same(store, expected, tmp_path
     scorer = PPMScorer(ppm_dir, "legacy-r1")
     prefixes = [(q, list(s)) for q, s in expected["ppm_prefixes"]]
     got = scorer.score(prefixes)
-    got = list(got[0]) if isinstance(got, tuple) else list(got)   # (scores, version) before the Scorer protocol
-    assert got == pytest.approx(expected["ppm_scores"], abs=1e-4)
+    assert list(got) == pytest.approx(expected["ppm_scores"], abs=1e-4) and got.model_version == "legacy-r1"
     policy = HFPolicy(reg.fetch("policy", "legacy-r1"))
     assert policy.few_shot is False   # read from the version's rstar_model.json

@@ -109,3 +109,12 @@ def test_the_catalogue_names_its_models():
         models.embedded("gpt-17")
     with pytest.raises(models.ModelError, match="not an HF model directory"):
         models.resolve_model_dir("/nonexistent/dir")
+
+
+def test_a_converted_model_says_how_it_is_prompted(tiny):
+    from rstar.artifacts import model_few_shot, prompt_style
+
+    model, _ = tiny
+    path = models.ensure_model(model.name)
+    assert prompt_style(path) == "chatml" and model_few_shot(path, False) is True
+    assert models.QWEN.prompt_style == "chatml" and models.SMOLLM2.prompt_style == "rstar"

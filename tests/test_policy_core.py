@@ -2,7 +2,8 @@
 
 import json
 
-from policy_svc.core import cpu_has_bf16, model_few_shot, resolve_dtype
+from policy_svc.core import cpu_has_bf16, resolve_dtype
+from rstar.artifacts import model_few_shot
 
 
 def test_fine_tuned_version_turns_few_shot_off(tmp_path):

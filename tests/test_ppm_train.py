@@ -45,10 +45,12 @@ def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_format_model_dir):
     acc = ppm_train.pair_accuracy(out, held_out)
     assert acc >= 0.9, f"held-out ranking accuracy {acc:.2f} (before training {before:.2f}), losses {report['losses']}"
     # what the PPM service loads: backbone + value_head.safetensors, scored as tanh(raw / 5)
-    from rstar.ppm import VALUE_HEAD_FILE, PPMScorer
+    from rstar.artifacts import VALUE_HEAD_FILE
+    from rstar.ppm import PPMScorer
 
     assert (out / VALUE_HEAD_FILE).is_file() and (out / "config.json").is_file()
     scorer = PPMScorer(out, "r1")
     p = held_out[0]
-    (sp, sn), version = scorer.score([(p.question, list(p.pos)), (p.question, list(p.neg))])
+    scores = scorer.score([(p.question, list(p.pos)), (p.question, list(p.neg))])
+    (sp, sn), version = scores, scores.model_version
     assert version == "r1" and -1 <= sn < sp <= 1

@@ -1,5 +1,6 @@
-"""Hot reload: ModelSlot swap semantics (beside and drain), ModelWatcher outcomes and metrics,
-and a steady request stream through a promotion and a broken promotion (zero failures)."""
+"""Hot reload, the one mechanism of the policy and PPM services: ModelSlot swap semantics (beside
+and drain, readiness reported to health, close), ModelWatcher outcomes and metrics, and a steady
+request stream through a promotion and a broken promotion (zero failures)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def info(service: str, version: str) -> float | None:
     return REGISTRY.get_sample_value("rstar_model_info", {"service": service, "model": "policy", "version": version})
 
 
+def closed_soon(model: FakeModel, timeout: float = 2.0) -> bool:
+    """The last request to let go of a retired model closes it in the background."""
+    end = time.monotonic() + timeout
+    while not model.closed and time.monotonic() < end:
+        time.sleep(0.005)
+    return model.closed
+
+
 def make_model(path: Path, tag: str, broken: bool = False) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"tag": tag, "broken": broken}))
@@ -72,15 +81,32 @@ def test_in_flight_request_finishes_on_the_old_model():
         assert held.model.infer(1) == "v1:1"
         with slot.acquire() as fresh:
             assert fresh.version == "v2"
-    assert held.model.closed  # closed once the last request let go
+    assert closed_soon(held.model)  # closed once the last request let go
     assert info("t-slot", "v2") == 1 and info("t-slot", "v1") is None
+
+
+def test_slot_reports_readiness_and_close_waits_for_the_last_request():
+    ready: list[bool] = []
+    slot: ModelSlot[FakeModel] = ModelSlot("t-ready", "policy", close=FakeModel.close, on_ready=ready.append)
+    assert not slot.ready and ready == []
+    slot.swap(FakeModel("v1"), "v1")
+    slot.swap(FakeModel("v2"), "v2")                 # beside: stays ready, told once
+    assert slot.ready and ready == [True]
+    with slot.acquire() as held:
+        slot.close()
+        assert ready == [True, False] and not slot.ready
+        assert not held.model.closed and held.model.infer(1) == "v2:1"  # the in-flight request finishes
+        with pytest.raises(SlotUnavailable):
+            with slot.acquire(timeout=1):
+                pass
+    assert closed_soon(held.model) and info("t-ready", "v2") is None
 
 
 def test_drain_mode_waits_for_in_flight_and_blocks_new_requests(tmp_path):
     events: list[str] = []
     slot: ModelSlot[FakeModel] = ModelSlot("t-drain", "policy", close=lambda m: (events.append(f"close {m.version}"),
                                                                                  m.close()),
-                                           two_copies=False, on_drain=lambda d: events.append(f"drain {d}"))
+                                           two_copies=False, on_ready=lambda r: events.append(f"ready {r}"))
     load = slot.loader(build)
     load("v1", make_model(tmp_path / "v1", "v1"))
     release = threading.Event()
@@ -103,7 +129,8 @@ def test_drain_mode_waits_for_in_flight_and_blocks_new_requests(tmp_path):
     release.set()
     t.join(5)
     swapper.join(5)
-    assert events == ["drain True", "request done on v1:0", "close v1", "drain False"]
+    # health: SERVING with v1, NOT_SERVING while draining, SERVING again once v2 is in
+    assert events == ["ready True", "ready False", "request done on v1:0", "close v1", "ready True"]
     with slot.acquire() as m:
         assert m.version == "v2"
 
@@ -116,6 +143,7 @@ def test_drain_mode_failed_load_restores_the_old_version(tmp_path):
         load("v2", make_model(tmp_path / "v2", "v2", broken=True))
     with slot.acquire(timeout=1) as m:
         assert m.version == "v1" and m.model.infer(3) == "v1:3"
+    assert slot.ready
 
 
 # --------------------------------------------------------------------------- ModelWatcher

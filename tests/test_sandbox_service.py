@@ -30,14 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 def service():
     config = SandboxConfig(port=0, pool_size=2, max_concurrent=2, max_queue=4, max_programs=6, wall_seconds=2.0,
                            require_layers=["rlimits"])
-    handle, sandbox = create_server(config)
-    handle.server.start()
-    sandbox.start(timeout=60)
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    yield handle, sandbox, channel
+    config.start_timeout = 60
+    svc = create_server(config).start()
+    svc.load()                      # starts the pool this service owns
+    channel = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    yield svc.handle, svc.core, channel
     channel.close()
-    handle.server.stop(0)
-    sandbox.close()
+    svc.close()                     # stops the server, then closes the pool
 
 
 def stub(channel):

@@ -229,9 +229,9 @@ def test_synthesize_writes_a_complete_shard(tmp_path):
     [info] = trajectories.list_complete_shards(store, 2)
     assert info.manifest["trees"] == 12 and info.manifest["solved"] == out.solved
     back = list(trajectories.read_shard(store, 2, "unit"))
-    assert [t["problem_id"] for t in back] == [p.id for p in problems]
-    assert back[0]["gold"] == "10" and back[0]["settings"]["annotation"] == TERMINAL_GUIDED
-    assert all(n["ppm_score"] is None for t in back for n in t["nodes"])   # terminal-guided: no PPM calls
+    assert [t.problem_id for t in back] == [p.id for p in problems]
+    assert back[0].gold == "10" and back[0].settings["annotation"] == TERMINAL_GUIDED
+    assert all(n.ppm_score is None for t in back for n in t.nodes)   # terminal-guided: no PPM calls
 
 
 def test_admission_rejects_beyond_the_queue():

@@ -115,10 +115,10 @@ def env(tmp_path_factory):
                        sandbox_address=addrs[2], store_url=str(store_dir), health_poll_s=0.1, rollouts=4,
                        candidates=3, max_concurrent_searches=1, max_queued_searches=1, retry_backoff_s=0.01,
                        max_problem_chars=4096)
-    handle, servicer = create_server(cfg)
-    handle.server.start()
+    service = create_server(cfg).start()
+    servicer, handle = service.servicer, service.handle
     servicer.monitor.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
     stub = search_pb2_grpc.SearchServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.time() + 10
@@ -126,8 +126,7 @@ def env(tmp_path_factory):
         time.sleep(0.05)
     yield dict(stub=stub, health=health, policy=policy, sandbox=sandbox, servicer=servicer, store_dir=store_dir,
                handle=handle, policy_address=addrs[0])
-    servicer.close()
-    handle.server.stop(0)
+    service.close()
     for s in servers:
         s.stop(0)
 
@@ -274,7 +273,7 @@ def test_synthesize_streams_trees_and_stores_a_shard(env):
     d = json.loads(trees[0].tree_json)
     assert d["schema"] == tj.TREE_SCHEMA and d["settings"]["annotation"] == "ppm_augmented"
     stored = list(tj.read_shard(LocalStore(env["store_dir"]), 1, "svc-test"))
-    assert [t["problem_id"] for t in stored] == [f"q{i}" for i in range(5)]
+    assert [t.problem_id for t in stored] == [f"q{i}" for i in range(5)]
 
 
 def test_synthesize_validation(env):
@@ -315,9 +314,9 @@ def test_health_follows_downstream_availability():
         addrs.append(a)
     cfg = SearchConfig(port=0, metrics_port=-1, policy_address=addrs[0], ppm_address=addrs[1],
                        sandbox_address=addrs[2], health_poll_s=0.1, call_retries=1)
-    handle, servicer = create_server(cfg, store=object())
-    handle.server.start()
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{handle.port}"))
+    service = create_server(cfg, store=object()).start()
+    servicer = service.servicer
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
 
     def status():
         return health.Check(health_pb2.HealthCheckRequest()).status
@@ -335,7 +334,24 @@ def test_health_follows_downstream_availability():
         servers[2].stop(0)                                                # the sandbox goes away
         assert wait_for(health_pb2.HealthCheckResponse.NOT_SERVING) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
-        servicer.close()
-        handle.server.stop(0)
+        service.close()
         for s in servers:
             s.stop(0)
+
+
+def test_injected_core_is_served_at_once(tmp_path):
+    """`create_server(config, core=...)`: the protocol fakes in-process, no downstream services to wait for."""
+    from rstar.search.core import SearchCore
+
+    core = SearchCore(WalkPolicy(), InProcessExecutor(), HashScorer(), LocalStore(tmp_path / "store"))
+    service = create_server(SearchConfig(port=0, metrics_port=-1, rollouts=4, candidates=3), core=core).start()
+    try:
+        assert service.core is core and service.load_step is None
+        with grpc.insecure_channel(service.address) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            resp = search_pb2_grpc.SearchServiceStub(ch).Solve(
+                search_pb2.SolveRequest(problem="Add some numbers.", seed=4), timeout=30)
+            assert resp.answer and resp.trajectory
+    finally:
+        service.close()

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from rstar import steps as stepfmt
+from rstar.artifacts import MODEL_INFO
 from rstar_testing.fakes import InProcessExecutor
 from trainer import data, evaluate, sft, training
 
@@ -71,7 +72,7 @@ def test_sft_memorises_a_trajectory(tmp_path, tiny_format_model_dir):
     out = tmp_path / "policy"
     report = sft.train_policy(tiny_format_model_dir, EXAMPLES, out, cfg, markers="none")
     assert report["loss_last"] < 0.2 * report["loss_first"], report["losses"]
-    info = json.loads((out / sft.MODEL_INFO).read_text())
+    info = json.loads((out / MODEL_INFO).read_text())
     assert info["few_shot"] is False and info["kind"] == "policy"
     pol = evaluate.HFPolicy(out)            # few_shot read from rstar_model.json
     assert pol.few_shot is False

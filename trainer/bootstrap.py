@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from rstar import grading, steps as stepfmt
+from rstar.trees import NodeRecord, TreeRecord
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,12 @@ def convert_solution(problem_id: str, question: str, solution: str, gold: str) -
         steps_out.append(text)
     steps_out[0] = stepfmt.CODE_START + steps_out[0]
     steps_out.append(f"\n# Now print the final answer\nprint({final_var})\n{stepfmt.END_OF_CODE}")
+    # the steps must mean to the search what they mean here (a solution line quoting a marker or a
+    # \boxed{} would not): classify them as a policy's candidates, keep only clean code steps
+    for i, text in enumerate(steps_out):
+        step = stepfmt.classify_candidate(text, "stop", is_first=i == 0)
+        if step.kind not in (stepfmt.CODE, stepfmt.ENDS_CODE) or step.text != text or not step.well_formed:
+            return None
     program = stepfmt.assemble_program(steps_out[:-1], steps_out[-1])
     return Conversion(problem_id, question, str(gold), tuple(steps_out), program)
 
@@ -162,30 +169,20 @@ def verify_conversions(convs: Sequence[Conversion], executor, batch: int = 64
     return ok, stats
 
 
-def chain_tree(conv: Conversion, output: str, round_no: int) -> dict[str, Any]:
-    """A verified trajectory as a tree record (schema rstar.tree/1): root -> steps -> correct answer."""
+def chain_tree(conv: Conversion, output: str, round_no: int) -> TreeRecord:
+    """A verified trajectory as a tree record (`rstar.trees`): root -> steps -> correct answer."""
     steps = [s for s in conv.trajectory(output) if not s.lstrip().startswith(stepfmt.OUTPUT_START)]
-    nodes: list[dict[str, Any]] = [_node(0, None, 0, "", answer=None)]
+    nodes = [NodeRecord(id=0, parent=None, visits=1, value_sum=1.0, q=1.0)]
     for i, text in enumerate(steps, 1):
         parsed = stepfmt.parse_step(text)
-        node = _node(i, i - 1, i, text, answer=parsed.answer)
-        node.update(code=parsed.code, ends_code=parsed.ends_code, output=output if parsed.ends_code else "",
-                    terminal=parsed.is_answer, correct=True if parsed.is_answer else None)
-        nodes.append(node)
-        nodes[i - 1]["children"] = [i]
-    return {
-        "schema": "rstar.tree/1", "problem_id": conv.problem_id, "question": conv.question, "gold": conv.gold,
-        "seed": 0, "settings": {"annotation": "reference", "rollouts": 1, "k": 1},
-        "rollouts_done": 1, "solved": True, "model_versions": {"policy": "gsm8k-reference"},
-        "round": round_no, "nodes": nodes,
-    }
-
-
-def _node(i: int, parent: int | None, depth: int, text: str, answer: str | None) -> dict[str, Any]:
-    return {"id": i, "parent": parent, "depth": depth, "text": text, "code": "", "output": "", "ends_code": False,
-            "failure": "", "finish_reason": "stop", "num_tokens": 0, "visits": 1 if parent is not None else 1,
-            "value_sum": 1.0, "q": 1.0, "ppm_score": None, "terminal": False, "answer": answer, "correct": None,
-            "children": []}
+        nodes.append(NodeRecord(
+            id=i, parent=i - 1, depth=i, text=text, code=parsed.code, ends_code=parsed.ends_code,
+            output=output if parsed.ends_code else "", visits=1, value_sum=1.0, q=1.0, terminal=parsed.is_answer,
+            answer=parsed.answer, correct=True if parsed.is_answer else None))
+        nodes[i - 1].children = [i]
+    return TreeRecord(question=conv.question, nodes=nodes, problem_id=conv.problem_id, gold=conv.gold, seed=0,
+                      settings={"annotation": "reference", "rollouts": 1, "k": 1}, rollouts_done=1, solved=True,
+                      model_versions={"policy": "gsm8k-reference"}, extra={"round": round_no})
 
 
 def convert_pool(rows: Iterable[dict[str, Any]]) -> tuple[list[Conversion], int]:
@@ -212,8 +209,8 @@ class TeacherPolicy:
     """An OpenAI-compatible completion server as the search engine's `Policy`.
 
     One `/v1/completions` request per item (n = candidates, the item's seed),
-    stop strings = the step markers (kept in the text, as the policy service
-    does). `few_shot` adds the two worked examples (an instruct model not
+    stop strings = `rstar.steps.GENERATION_STOPS`, the set every policy uses (kept in
+    the text, as the policy service does). `few_shot` adds the two worked examples (an instruct model not
     trained on the format needs them).
     """
 
@@ -257,14 +254,14 @@ class TeacherPolicy:
         raise TeacherError(f"teacher {self.url}{path} failed after {self.retries} attempts: {last}")
 
     def generate(self, items, params, scope=None):
-        from rstar.search.mcts import Candidate, Versioned
+        from rstar.protocols import Candidate, Versioned
 
         out = []
         for item in items:
             prompt = stepfmt.render_prompt(item.question, list(item.steps), few_shot=self.few_shot)
             payload = {"model": self.model, "prompt": prompt, "n": item.n, "max_tokens": params.max_tokens,
                        "temperature": params.temperature, "top_p": params.top_p, "seed": int(item.seed & 0x7FFFFFFF),
-                       "stop": list(stepfmt.STOP_STRINGS), "include_stop_str_in_output": True}
+                       "stop": list(stepfmt.GENERATION_STOPS), "include_stop_str_in_output": True}
             data = self._post("/completions", payload)
             choices = data.get("choices")
             if not isinstance(choices, list) or not choices:
@@ -273,10 +270,10 @@ class TeacherPolicy:
             for ch in sorted(choices, key=lambda c: c.get("index", 0)):
                 text = ch.get("text", "")
                 reason = ch.get("finish_reason") or "stop"
-                if reason == "stop" and not any(text.rstrip().endswith(s) for s in stepfmt.STOP_STRINGS):
+                if reason == "stop" and not any(text.rstrip().endswith(s) for s in stepfmt.GENERATION_STOPS):
                     # servers that drop the stop string: put back the one it stopped on
                     stop = ch.get("stop_reason")
-                    if isinstance(stop, str) and stop in stepfmt.STOP_STRINGS:
+                    if isinstance(stop, str) and stop in stepfmt.GENERATION_STOPS:
                         text += stop
                 tokens = int((ch.get("logprobs") or {}).get("tokens") and len(ch["logprobs"]["tokens"]) or 0)
                 cands.append(Candidate(text, "length" if reason == "length" else "stop", tokens))

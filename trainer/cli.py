@@ -41,7 +41,7 @@ def _setup_logging(level: str = "INFO") -> None:
 
 def _resolve_eval_model(spec: str, store_url: str | None) -> tuple[Path, str]:
     """`default` | an HF directory | `NAME@VERSION` / `NAME@current` from the registry."""
-    from rstar.models import BASE_VERSION, resolve_model_dir
+    from rstar.models import base_version_of, resolve_model_dir
 
     if "@" in spec and not Path(spec).exists():
         from rstar.registry import ModelRegistry
@@ -55,7 +55,7 @@ def _resolve_eval_model(spec: str, store_url: str | None) -> tuple[Path, str]:
                 raise SystemExit(f"error: model {name!r} has no CURRENT version in {reg.store.url}")
         return reg.fetch(name, version), f"{name}@{version}"
     path = resolve_model_dir(spec)
-    return path, BASE_VERSION if spec in ("", "default") else str(path)
+    return path, base_version_of(spec) or str(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -7,11 +7,12 @@ command ``rstar evolve --stage <stage> --round <n>`` (synthesis shards add
 ``--shard i --shards N``) in a Job the controller creates; the controller
 only builds, launches, watches, retries and cleans up Jobs.
 
-Where a round stands lives in the object store at ``rounds/round-<n>/state.json``
-and is written before every Job is created, so a controller that crashes (or
-whose CronJob pod is evicted) resumes the round: Jobs that still exist are
-adopted, Jobs that vanished are recreated under the same name, finished tasks
-are never rerun.
+Where a round stands is a ``rstar.rounds.RoundState`` (typed state, pure
+transitions, shared with ``rstar evolve``), kept in the object store at
+``rounds/round-<n>/state.json`` and written before every Job is created, so a
+controller that crashes (or whose CronJob pod is evicted) resumes the round:
+Jobs that still exist are adopted, Jobs that vanished are recreated under the
+same name, finished tasks are never rerun.
 
 Design points
 - Job specs come from the pure function :func:`build_job` (tests check them
@@ -33,7 +34,6 @@ Run: ``python -m trainer.controller --round auto`` (env ``RSTAR_EVOLUTION_*``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -44,15 +44,15 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import Counter, Gauge
 
-from rstar import metrics
+from rstar import metrics, rounds
 from rstar.config import ConfigError, field, parse
+from rstar.rounds import (DONE, PENDING, RUNNING, STAGES, SUCCEEDED, TASK_STATUSES, RoundState, Task,
+                          last_success_time, load_state, save_state, summary_key)
 from rstar.store import NotFound, open_store
 
 log = logging.getLogger("trainer.controller")
 
-STAGES: tuple[str, ...] = ("synthesis", "train-policy", "train-ppm", "eval", "promote")
 GPU_STAGES = frozenset({"train-policy", "train-ppm", "eval"})
-STATE_SCHEMA = 1
 LABEL_PREFIX = "rstar.io"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -60,7 +60,6 @@ SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 TASKS = Gauge("rstar_evolution_tasks", "Tasks of the current round by stage and status.", ["stage", "status"])
 TASK_RETRIES = Counter("rstar_evolution_task_retries_total", "Failed stage Jobs retried as a new attempt.", ["stage"])
 JOBS_CREATED = Counter("rstar_evolution_jobs_created_total", "Stage Jobs created.", ["stage"])
-TASK_STATUSES = ("pending", "running", "succeeded", "failed")
 
 
 @dataclass
@@ -115,21 +114,9 @@ class ControllerConfig:
 # --------------------------------------------------------------------------- tasks and Job specs
 
 
-@dataclass(frozen=True)
-class Task:
-    stage: str
-    shard: int | None = None
-
-    @property
-    def id(self) -> str:
-        return self.stage if self.shard is None else f"{self.stage}-{self.shard}"
-
-
 def round_tasks(cfg: ControllerConfig) -> list[Task]:
     """All tasks of a round, in stage order."""
-    out = [Task("synthesis", i) for i in range(cfg.shards)]
-    out += [Task(s) for s in STAGES[1:]]
-    return out
+    return rounds.round_tasks(cfg.shards)
 
 
 def job_name(round_n: int, task: Task, attempt: int) -> str:
@@ -247,98 +234,31 @@ def build_job(cfg: ControllerConfig, namespace: str, round_n: int, task: Task, a
     }
 
 
-# --------------------------------------------------------------------------- state
+# --------------------------------------------------------------------------- state (rstar.rounds)
 
 
-def state_key(round_n: int) -> str:
-    return f"rounds/round-{round_n}/state.json"
+def new_state(cfg: ControllerConfig, round_n: int, now: float) -> RoundState:
+    return rounds.new_round(round_n, cfg.shards, now, deadline_seconds=cfg.round_deadline_seconds)
 
 
-def summary_key(round_n: int, stage: str) -> str:
-    return f"rounds/round-{round_n}/{stage}.json"
-
-
-def new_state(cfg: ControllerConfig, round_n: int, now: float) -> dict[str, Any]:
-    return {
-        "schema": STATE_SCHEMA,
-        "round": round_n,
-        "status": "running",
-        "reason": "",
-        "stage": STAGES[0],
-        "started_at": now,
-        "deadline_at": now + cfg.round_deadline_seconds,
-        "finished_at": None,
-        "updated_at": now,
-        "shards": cfg.shards,
-        "tasks": {
-            t.id: {"stage": t.stage, "shard": t.shard, "attempt": 0, "tries": 0, "job": None, "status": "pending",
-                   "failures": []}
-            for t in round_tasks(cfg)
-        },
-        "summaries": {},
-    }
-
-
-_ROUND_KEY = re.compile(r"^rounds/round-(\d+)/state\.json$")
-
-
-def known_rounds(store) -> list[int]:
-    out = []
-    for key in store.list("rounds/"):
-        m = _ROUND_KEY.match(key)
-        if m:
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
-def load_state(store, round_n: int) -> dict[str, Any] | None:
-    try:
-        data = json.loads(store.get(state_key(round_n)))
-    except NotFound:
-        return None
-    if data.get("schema") != STATE_SCHEMA:
-        raise RuntimeError(f"{state_key(round_n)}: unsupported state schema {data.get('schema')!r}")
-    return data
-
-
-def save_state(store, state: dict[str, Any], now: float) -> None:
-    state["updated_at"] = now
-    store.put(state_key(state["round"]), json.dumps(state, indent=1, sort_keys=True).encode())
-
-
-def last_success_time(store) -> float | None:
-    """finished_at of the newest succeeded round, if any."""
-    for n in reversed(known_rounds(store)):
-        st = load_state(store, n)
-        if st and st.get("status") == "succeeded" and st.get("finished_at"):
-            return float(st["finished_at"])
-    return None
-
-
-def choose_round(store, cfg: ControllerConfig, now: float) -> tuple[dict[str, Any] | None, str]:
+def choose_round(store, cfg: ControllerConfig, now: float) -> tuple[RoundState | None, str]:
     """Pick the round to work on: (state, why). state None: nothing to do."""
-    rounds = known_rounds(store)
+    known = rounds.known_rounds(store)
     if cfg.round == "auto":
-        if rounds:
-            latest = load_state(store, rounds[-1])
-            if latest and latest["status"] == "running":
-                return latest, f"resuming round {rounds[-1]}"
-        n = rounds[-1] + 1 if rounds else 1
+        if known:
+            latest = load_state(store, known[-1])
+            if latest and latest.status == RUNNING:
+                return latest, f"resuming round {known[-1]}"
+        n = known[-1] + 1 if known else 1
         return new_state(cfg, n, now), f"starting round {n}"
     n = int(cfg.round)
     st = load_state(store, n)
     if st is None:
         return new_state(cfg, n, now), f"starting round {n}"
-    if st["status"] == "succeeded":
+    if st.status == SUCCEEDED:
         return None, f"round {n} already succeeded"
-    if st["status"] == "failed":  # explicit re-run: failed tasks get fresh attempts, a new deadline
-        st["status"], st["reason"], st["finished_at"] = "running", "", None
-        st["deadline_at"] = now + cfg.round_deadline_seconds
-        for t in st["tasks"].values():
-            t["tries"] = 0
-            if t["status"] in ("failed", "running"):
-                t["status"], t["job"] = "pending", None
-        return st, f"re-running failed round {n}"
+    if st.status == rounds.FAILED:  # explicit re-run: failed tasks get fresh attempts, a new deadline
+        return rounds.round_rerun(st, now, cfg.round_deadline_seconds), f"re-running failed round {n}"
     return st, f"resuming round {n}"
 
 
@@ -373,82 +293,76 @@ class Controller:
         self.sleep = sleep or (lambda s: time.sleep(s))
 
     # -- one round ---------------------------------------------------------------------------
-    def run(self, state: dict[str, Any]) -> dict[str, Any]:
-        n = state["round"]
-        metrics.EVOLUTION_ROUND.set(n)
-        save_state(self.store, state, self.clock())
+    def run(self, state: RoundState) -> RoundState:
+        metrics.EVOLUTION_ROUND.set(state.round)
+        state = save_state(self.store, state, self.clock())
         while True:
-            self.step(state)
-            if state["status"] != "running":
+            state = self.step(state)
+            if state.status != RUNNING:
                 return state
             self.sleep(self.cfg.poll_seconds)
 
-    def step(self, state: dict[str, Any]) -> None:
-        """One look at the round's Jobs: advance, retry, launch, or finish. Saves state when it changed."""
+    def step(self, state: RoundState) -> RoundState:
+        """One look at the round's Jobs: advance, retry, launch, or finish. Saves the state when it changed
+        and returns it."""
         now = self.clock()
-        n = state["round"]
-        before = json.dumps(state, sort_keys=True)
-        if now >= state["deadline_at"]:
-            self._fail(state, f"deadline exceeded ({self.cfg.round_deadline_seconds}s after start)", now)
-            return
-        stage = next((s for s in STAGES if any(
-            t["stage"] == s and t["status"] != "succeeded" for t in state["tasks"].values())), None)
+        n = state.round
+        before = state
+        if now >= state.deadline_at:
+            return self._fail(state, f"deadline exceeded ({self.cfg.round_deadline_seconds}s after start)", now)
+        stage = state.current_stage()
         if stage is None:
-            self._succeed(state, now)
-            return
-        if stage != state["stage"]:
+            return self._succeed(state, now)
+        if stage != state.stage:
             log.info("round %d: stage %s", n, stage)
-        state["stage"] = stage
+        state = rounds.stage_entered(state, stage)
         try:
             observed = {j.metadata.name: j for j in self._list_jobs(n)}
         except Exception as e:  # noqa: BLE001 - API hiccups: try again next poll
             log.warning("round %d: listing Jobs failed (%s); retrying", n, e)
-            return
-        tasks = [(tid, t) for tid, t in state["tasks"].items() if t["stage"] == stage]
-        for tid, t in tasks:
-            if t["status"] != "running":
+            return state
+        tids = state.task_ids(stage)
+        for tid in tids:
+            t = state.tasks[tid]
+            if t.status != RUNNING:
                 continue
-            job = observed.get(t["job"])
+            job = observed.get(t.job)
             if job is None:
-                log.warning("round %d: Job %s vanished; recreating it", n, t["job"])
-                t["status"] = "pending"  # keeps t["job"]: same attempt, same name
+                log.warning("round %d: Job %s vanished; recreating it", n, t.job)
+                state = rounds.job_lost(state, tid)  # keeps the job name: same attempt, same name
                 continue
             phase, reason = _job_phase(job)
             if phase == "succeeded":
-                log.info("round %d: %s succeeded (%s)", n, tid, t["job"])
-                t["status"] = "succeeded"
+                log.info("round %d: %s succeeded (%s)", n, tid, t.job)
+                state = rounds.task_succeeded(state, tid, now)
             elif phase == "failed":
-                t["failures"].append({"attempt": t["attempt"], "job": t["job"], "reason": reason, "at": now})
-                self._delete_job(t["job"])
-                t["job"] = None
-                if t["tries"] >= self.cfg.max_attempts:
-                    t["status"] = "failed"
-                    self._fail(state, f"{tid} failed {t['tries']} times; last: {reason}", now)
-                    return
+                self._delete_job(t.job)
+                if t.tries >= self.cfg.max_attempts:
+                    state = rounds.task_failed(state, tid, reason, now)
+                    return self._fail(state, f"{tid} failed {t.tries} times; last: {reason}", now)
                 log.warning("round %d: %s failed (%s); retrying", n, tid, reason)
-                TASK_RETRIES.labels(t["stage"]).inc()
-                t["status"] = "pending"  # job None: the next launch is a new attempt
+                TASK_RETRIES.labels(t.stage).inc()
+                state = rounds.task_retried(state, tid, reason, now)  # no job: the next launch is a new attempt
         limit = self.cfg.parallelism if stage == "synthesis" else 1
-        running = sum(1 for _, t in tasks if t["status"] == "running")
-        for tid, t in tasks:
+        running = state.count(stage, RUNNING)
+        for tid in tids:
             if running >= limit:
                 break
-            if t["status"] != "pending":
+            t = state.tasks[tid]
+            if t.status != PENDING:
                 continue
-            if t["job"] is None:  # a new attempt (else: recreate the vanished Job under its name)
-                t["attempt"] += 1
-                t["tries"] += 1
-            task = Task(t["stage"], t["shard"])
-            body = build_job(self.cfg, self.ns, n, task, t["attempt"])
-            t["job"], t["status"] = body["metadata"]["name"], "running"
-            save_state(self.store, state, now)  # persist intent before acting: a crash here resumes
+            # a new attempt, or the vanished Job of this attempt recreated under its name
+            body = build_job(self.cfg, self.ns, n, t.task, rounds.next_attempt(t))
+            state = rounds.task_started(state, tid, body["metadata"]["name"], now)
+            state = save_state(self.store, state, now)  # persist intent before acting: a crash here resumes
             self._create_job(body)
             running += 1
-        if all(t["status"] == "succeeded" for _, t in tasks):
-            self._collect_summary(state, stage)
+        if state.stage_succeeded(stage):
+            state = self._collect_summary(state, stage)
         self._export(state)
-        if json.dumps(state, sort_keys=True) != before:
-            save_state(self.store, state, now)
+        if state != before:
+            state = save_state(self.store, state, now)
+        return state
 
     # -- API calls (the only ones the controller makes: create, list, delete) -----------------
     def _list_jobs(self, n: int) -> list[Any]:
@@ -478,46 +392,44 @@ class Controller:
                 log.warning("deleting Job %s failed (%s)", name, e)
 
     # -- ends ----------------------------------------------------------------------------------
-    def _fail(self, state: dict[str, Any], reason: str, now: float) -> None:
-        log.error("round %d failed: %s", state["round"], reason)
-        for t in state["tasks"].values():
-            if t["status"] == "running":
-                self._delete_job(t["job"])
-                t["status"], t["job"] = "pending", None
-        state.update(status="failed", reason=reason, finished_at=now)
+    def _fail(self, state: RoundState, reason: str, now: float) -> RoundState:
+        log.error("round %d failed: %s", state.round, reason)
+        for t in state.tasks.values():
+            if t.status == RUNNING:
+                self._delete_job(t.job)
+        state = rounds.round_failed(state, reason, now)
         metrics.EVOLUTION_FAILURES.inc()
         self._export(state)
-        save_state(self.store, state, now)
+        return save_state(self.store, state, now)
 
-    def _succeed(self, state: dict[str, Any], now: float) -> None:
-        log.info("round %d succeeded", state["round"])
-        state.update(status="succeeded", stage="done", finished_at=now)
+    def _succeed(self, state: RoundState, now: float) -> RoundState:
+        log.info("round %d succeeded", state.round)
+        state = rounds.round_succeeded(state, now)
         metrics.EVOLUTION_LAST_SUCCESS.set(now)
         self._export(state)
-        save_state(self.store, state, now)
+        return save_state(self.store, state, now)
 
-    def _collect_summary(self, state: dict[str, Any], stage: str) -> None:
-        if stage in state["summaries"]:
-            return
+    def _collect_summary(self, state: RoundState, stage: str) -> RoundState:
+        if stage in state.summaries:
+            return state
         try:
-            summary = json.loads(self.store.get(summary_key(state["round"], stage)))
+            summary = json.loads(self.store.get(summary_key(state.round, stage)))
         except NotFound:
-            return
+            return state
         except ValueError as e:
-            log.warning("round %d: bad %s summary: %s", state["round"], stage, e)
-            return
-        state["summaries"][stage] = summary
+            log.warning("round %d: bad %s summary: %s", state.round, stage, e)
+            return state
+        return rounds.summary_recorded(state, stage, summary)
 
-    def _export(self, state: dict[str, Any]) -> None:
-        n = str(state["round"])
-        for s in (*STAGES, "done"):
-            metrics.EVOLUTION_STAGE.labels(n, s).set(1 if state["stage"] == s and state["status"] == "running"
-                                                     or (s == "done" and state["status"] == "succeeded") else 0)
+    def _export(self, state: RoundState) -> None:
+        n = str(state.round)
+        for s in (*STAGES, DONE):
+            metrics.EVOLUTION_STAGE.labels(n, s).set(1 if state.stage == s and state.status == RUNNING
+                                                     or (s == DONE and state.status == SUCCEEDED) else 0)
         for s in STAGES:
             for st in TASK_STATUSES:
-                TASKS.labels(s, st).set(sum(1 for t in state["tasks"].values()
-                                            if t["stage"] == s and t["status"] == st))
-        ratio = solved_ratio(state["summaries"].get("synthesis"))
+                TASKS.labels(s, st).set(state.count(s, st))
+        ratio = solved_ratio(state.summaries.get("synthesis"))
         if ratio is not None:
             metrics.EVOLUTION_SOLVED_RATIO.labels(n).set(ratio)
 
@@ -575,7 +487,7 @@ def main(argv: Sequence[str] | None = None, api: Any = None) -> int:
     state = ctl.run(state)
     if cfg.metrics_port and cfg.linger_seconds > 0:
         time.sleep(cfg.linger_seconds)  # let Prometheus scrape the final values
-    return 0 if state["status"] == "succeeded" else 1
+    return 0 if state.status == SUCCEEDED else 1
 
 
 if __name__ == "__main__":

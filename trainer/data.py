@@ -226,7 +226,7 @@ def build_sft(trees: Iterable[tuple[str, dict[str, Any]]], top_k: int = 2) -> tu
     return out, stats
 
 
-def sft_text(question: str, steps: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+def sft_text(question: str, steps: Sequence[str], style: str = "rstar") -> tuple[str, list[tuple[int, int]]]:
     """The training text of a trajectory and the character spans the loss covers.
 
     The text is exactly what the fine-tuned policy sees and produces: the prompt
@@ -234,8 +234,8 @@ def sft_text(question: str, steps: Sequence[str]) -> tuple[str, list[tuple[int, 
     followed by the generated steps. Loss spans are the policy-written steps; the
     prompt and the system-written `<output>...<end_of_output>` steps are context only.
     """
-    prompt = stepfmt.render_prompt(question, [], few_shot=False)
-    full = stepfmt.render_prompt(question, list(steps), few_shot=False)
+    prompt = stepfmt.render_prompt(question, [], few_shot=False, style=style)
+    full = stepfmt.render_prompt(question, list(steps), few_shot=False, style=style)
     if not full.startswith(prompt):
         raise ValueError("trajectory does not start with the <code> block the prompt opens")
     spans: list[tuple[int, int]] = []

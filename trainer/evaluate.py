@@ -1,19 +1,26 @@
 """`rstar eval`: accuracy on a dev set by greedy decoding, majority vote over N samples, and MCTS.
 
 - Greedy / sampled trajectories are produced step by step exactly as the
-  search produces one path: the policy writes a step (stop strings
-  `<end_of_step>`, `<end_of_code>`, `<end_of_answer>`), a step that closes the
-  code block runs in the sandbox (the whole block, re-run from the start) and
-  its output is appended, the `\\boxed{}` step ends the trajectory. Problems
-  advance in lock-step so each step is one batched generate call.
+  search produces one path: the policy writes a step (it stops at
+  `rstar.steps.GENERATION_STOPS`, as every policy does), the step is
+  classified by `rstar.steps.classify_candidate` (the search's own rule: a
+  cut-off answer is a failure, model-written system markers cut the step), a
+  code step runs in the sandbox (the whole block, re-run from the start), the
+  output of a step that closes the code block is appended, and the answer step
+  ends the trajectory. Problems advance in lock-step so each step is one
+  batched generate call.
 - The policy is the local model (`rstar.local_policy.HFPolicy`: transformers, greedy or seeded
   sampling, batched) or the policy service (`rstar.clients.PolicyClient`).
 - MCTS (+PPM) goes through the search service's `Solve` with N trajectories.
-- Grading: `math-verify` (parse + verify of `\\boxed{pred}` against
-  `\\boxed{gold}`); when it cannot parse either side, the project grader
-  `rstar.grading.answers_equal`. The report says which grader decided each case.
-- "Format" = the trajectory followed the step format: every step ended with a
-  stop string, every program ran, and it finished with a `\\boxed{}` answer.
+- Grading: the project grader `rstar.grading.grade` (exact, numeric, then
+  math-verify with a bounded timeout), the same one the search uses for
+  terminal values. The report counts which path decided each case (`graders`).
+- "Format" = the trajectory followed the step format: every step the policy
+  wrote ended with a stop string, every program ran, and it finished with a
+  well-formed answer step.
+
+This module does not define what a step or a correct answer is (`rstar.steps`,
+`rstar.grading` do).
 """
 
 from __future__ import annotations
@@ -36,19 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def grade(pred: str | None, gold: str) -> tuple[bool, str]:
-    """(correct, grader): math-verify where it parses both sides, else the project grader."""
-    if pred is None or not str(pred).strip():
-        return False, "none"
-    try:
-        from math_verify import parse, verify
-
-        g = parse(f"\\boxed{{{gold}}}")
-        p = parse(f"\\boxed{{{pred}}}")
-        if g and p:
-            return bool(verify(g, p)), "math-verify"
-    except Exception as e:  # noqa: BLE001 - a grader crash is "could not decide", not an eval failure
-        log.debug("math-verify failed on %r vs %r: %s", pred, gold, e)
-    return grading.answers_equal(pred, gold), "rstar.grading"
+    """(correct, method): the project grader's verdict and which path decided (see `rstar.grading`)."""
+    verdict = grading.grade(pred, gold)
+    return verdict.equal, verdict.method
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -63,17 +60,17 @@ class Rollout:
     done: bool = False
     tokens: int = 0
     generated: int = 0      # steps the policy wrote (system-written output steps not counted)
-    well_formed: int = 0    # of those, steps that ended with a stop string and parse as a complete step
+    well_formed: int = 0    # of those, steps the policy ended with a stop string itself (not cut, not cut off)
 
     @property
     def format_ok(self) -> bool:
-        return self.done and not self.failure and self.answer is not None
+        return self.done and not self.failure and self.answer is not None and self.well_formed == self.generated
 
 
 def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: float = 0.0, top_p: float = 0.95,
                  max_tokens: int = 256, max_depth: int = 16, seeds: Sequence[int] | None = None) -> list[Rollout]:
     """One trajectory per question, all advanced in lock-step (one generate call per depth)."""
-    from rstar.search.mcts import GenerationItem, SamplingParams
+    from rstar.protocols import GenerationItem, SamplingParams
 
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     seeds = list(seeds) if seeds is not None else [0] * len(questions)
@@ -85,38 +82,30 @@ def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: flo
         log.info("rollouts: depth %d, %d/%d active", depth, len(active), len(rs))
         items = [GenerationItem(rs[i].question, tuple(rs[i].steps), 1, seeds[i] * 1000 + depth) for i in active]
         cands = policy.generate(items, params)
-        programs: list[tuple[int, str]] = []
+        programs: list[tuple[int, str, bool]] = []   # (rollout, program, the step closes the block)
         for i, cs in zip(active, cands):
             r = rs[i]
             c = cs[0]
             r.tokens += c.num_tokens
-            text = stepfmt.normalize_candidate(c.text, is_first=not r.steps)
-            parsed = stepfmt.parse_step(text)
+            step = stepfmt.classify_candidate(c.text, c.finish_reason, is_first=not r.steps)
             r.generated += 1
-            r.well_formed += int(parsed.complete and c.finish_reason != "length")
-            if parsed.is_answer:
-                r.steps.append(text)
-                r.answer, r.done = parsed.answer, True
-                if not parsed.complete:
-                    r.failure = "incomplete"
-                continue
-            if c.finish_reason == "length" or not parsed.complete:
-                r.steps.append(text)
-                r.failure, r.done = ("length" if c.finish_reason == "length" else "incomplete"), True
-                continue
-            if not parsed.code.strip() and not parsed.ends_code:
-                r.steps.append(text)
-                r.failure, r.done = "empty", True
-                continue
-            programs.append((i, stepfmt.assemble_program(r.steps, text)))
-            r.steps.append(text)
+            r.well_formed += int(step.well_formed)
+            if step.failed:
+                r.steps.append(step.text)
+                r.failure, r.done = step.failure, True
+            elif step.is_answer:
+                r.steps.append(step.text)
+                r.answer, r.done = step.answer, True
+            else:
+                programs.append((i, stepfmt.assemble_program(r.steps, step.text), step.ends_code))
+                r.steps.append(step.text)
         if programs:
-            results = executor.execute([p for _, p in programs])
-            for (i, _), res in zip(programs, results):
+            results = executor.execute([p for _, p, _ in programs])
+            for (i, _, ends_code), res in zip(programs, results):
                 r = rs[i]
                 if res.failure != "ok" or stepfmt.output_is_failure(res.stdout):
                     r.failure, r.done = f"exec:{res.failure}", True
-                elif stepfmt.parse_step(r.steps[-1]).ends_code:
+                elif ends_code:
                     r.steps.append(stepfmt.output_step(res.stdout))
     for r in rs:
         if not r.done:

@@ -25,7 +25,7 @@ class LocalSandbox:
         self._sb.start(timeout=120)
 
     def execute(self, programs: Sequence[str], scope=None):
-        from rstar.search.mcts import ExecResult
+        from rstar.protocols import ExecResult
 
         out = []
         for b in range(0, len(programs), 1024):

@@ -5,19 +5,17 @@ Model = `rstar.ppm.ValueModel` loaded from the new policy directory
 last token's hidden state, freshly initialised from a fixed seed). Input =
 `rstar.ppm.render(question, steps)`, the exact string the PPM service
 scores. Loss per pair: -log sigmoid(r+ - r-) on the raw head outputs (the
-service reports tanh(r / 5), a monotone map, so rankings are the same),
-weighted by the pair's group weight 1 / (n+ * n-) (trainer.data). The saved
-directory is what the PPM service loads: backbone HF files + tokenizer +
-`value_head.safetensors` + `rstar_model.json`.
+service reports `rstar.artifacts.ppm_score` = tanh(r / 5), a monotone map, so
+rankings are the same), weighted by the pair's group weight 1 / (n+ * n-)
+(trainer.data). The saved directory is what the PPM service loads, written
+atomically in the model-artifact format (`rstar.artifacts.save_model_dir`):
+backbone HF files + tokenizer + `value_head.safetensors` + `rstar_model.json`.
+Not here: the optimisation loop (`trainer.training`), publishing (`trainer.publish`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,16 +23,18 @@ from typing import Any, Sequence
 
 import torch
 
+from rstar.artifacts import ppm_score, prompt_style, save_model_dir
 from trainer import training
 from trainer.data import Pair
 
 log = logging.getLogger(__name__)
 
 
-def _texts(pairs: Sequence[Pair]) -> tuple[list[str], list[str]]:
+def _texts(pairs: Sequence[Pair], style: str = "rstar") -> tuple[list[str], list[str]]:
     from rstar.ppm import render
 
-    return [render(p.question, list(p.pos)) for p in pairs], [render(p.question, list(p.neg)) for p in pairs]
+    return ([render(p.question, list(p.pos), style) for p in pairs],
+            [render(p.question, list(p.neg), style) for p in pairs])
 
 
 def _raw_scores(model, tok, texts: list[str], max_length: int, device) -> torch.Tensor:
@@ -61,7 +61,7 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
     t0 = time.monotonic()
     model, tok = load_value_model(policy_dir, head_seed=head_seed, dtype=torch.float32)
     model.to(dist.device)
-    pos_texts, neg_texts = _texts(pairs)
+    pos_texts, neg_texts = _texts(pairs, prompt_style(policy_dir))
     lengths = [len(tok(p)["input_ids"]) + len(tok(n)["input_ids"]) for p, n in zip(pos_texts, neg_texts)]
 
     def forward(m, idx: list[int]) -> torch.Tensor:
@@ -77,6 +77,7 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
                                  tokens_of=lambda i: lengths[i], on_step=on_step, desc="ppm")
     if dist.main:
         save_ppm(model, tok, out_dir, {"kind": "ppm", "policy": str(policy_dir), "head_seed": head_seed,
+                                       "prompt_style": prompt_style(policy_dir),
                                        "train": asdict(cfg), **(metadata or {})})
         training.remove_checkpoint(work_dir)
     training.barrier(dist)
@@ -85,36 +86,20 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
 
 
 def save_ppm(model, tok, out_dir: Path, info: dict[str, Any]) -> None:
-    from rstar.ppm import save_value_head
-
-    from trainer.sft import MODEL_INFO
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out_dir.parent))
-    try:
-        model.backbone.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        model.backbone.to(torch.float32)
-        tok.save_pretrained(tmp)
-        save_value_head(model, tmp)
-        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Backbone (bf16) + tokenizer + value head + rstar_model.json, atomically."""
+    save_model_dir(out_dir, model.backbone, tok, info, value_head=model.value_head)
 
 
 @torch.inference_mode()
 def pair_accuracy(model_dir: str | Path, pairs: Sequence[Pair], batch: int = 16) -> float:
-    """Share of pairs the saved PPM ranks correctly (service scoring: tanh(raw / 5))."""
+    """Share of pairs the saved PPM ranks correctly (service scoring: `ppm_score`)."""
     from rstar.ppm import load_value_model
 
     model, tok = load_value_model(model_dir)
-    pos_texts, neg_texts = _texts(pairs)
+    pos_texts, neg_texts = _texts(pairs, prompt_style(model_dir))
     correct = 0
     for b in range(0, len(pairs), batch):
-        p = torch.tanh(_raw_scores(model, tok, pos_texts[b:b + batch], 4096, "cpu") / 5)
-        n = torch.tanh(_raw_scores(model, tok, neg_texts[b:b + batch], 4096, "cpu") / 5)
+        p = ppm_score(_raw_scores(model, tok, pos_texts[b:b + batch], 4096, "cpu"))
+        n = ppm_score(_raw_scores(model, tok, neg_texts[b:b + batch], 4096, "cpu"))
         correct += int((p > n).sum())
     return correct / max(1, len(pairs))

@@ -14,11 +14,14 @@ policy service detokenises with `skip_special_tokens=False` either way), new
 embedding rows initialised to the mean of the embeddings of the pieces the
 old tokenizer split the marker into; `"special"` registers them as additional
 special tokens instead; `"none"` keeps the base tokenizer.
+
+The output directory is written in the model-artifact format, atomically
+(`rstar.artifacts.save_model_dir`). Not here: the optimisation loop
+(`trainer.training`), publishing the version (`trainer.publish`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -28,12 +31,12 @@ from typing import Any, Sequence
 import torch
 
 from rstar import steps as stepfmt
+from rstar.artifacts import prompt_style, save_model_dir
 from trainer import training
 from trainer.data import SFTExample, sft_text
 
 log = logging.getLogger(__name__)
 
-MODEL_INFO = "rstar_model.json"
 MARKER_MODES = ("added", "special", "none")
 
 
@@ -68,8 +71,8 @@ def add_marker_tokens(tokenizer, model, mode: str) -> list[str]:
     return new
 
 
-def tokenize_example(tokenizer, ex: SFTExample, max_length: int) -> dict[str, Any] | None:
-    text, spans = sft_text(ex.question, ex.steps)
+def tokenize_example(tokenizer, ex: SFTExample, max_length: int, style: str = "rstar") -> dict[str, Any] | None:
+    text, spans = sft_text(ex.question, ex.steps, style)
     enc = tokenizer(text, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if len(ids) > max_length:
@@ -107,13 +110,14 @@ def train_policy(base_dir: str | Path, examples: Sequence[SFTExample], out_dir: 
     out_dir, work_dir = Path(out_dir), Path(work_dir or Path(out_dir).with_name(Path(out_dir).name + ".work"))
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    style = prompt_style(base_dir)   # train in the prompt the served version will get
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     added = add_marker_tokens(tokenizer, model, markers)
     rows, dropped = [], 0
     for ex in examples:
-        r = tokenize_example(tokenizer, ex, cfg.max_length)
+        r = tokenize_example(tokenizer, ex, cfg.max_length, style)
         if r is None:
             dropped += 1
         else:
@@ -158,8 +162,8 @@ def train_policy(base_dir: str | Path, examples: Sequence[SFTExample], out_dir: 
     if cfg.lora_r > 0:
         model = model.merge_and_unload()
     if dist.main:
-        save_model(model, tokenizer, out_dir, {
-            "kind": "policy", "few_shot": False, "markers": markers, "base": str(base_dir),
+        save_model_dir(out_dir, model, tokenizer, {  # bf16 safetensors + tokenizer + rstar_model.json, atomically
+            "kind": "policy", "few_shot": False, "prompt_style": style, "markers": markers, "base": str(base_dir),
             "train": asdict(cfg), **(metadata or {})})
         training.remove_checkpoint(work_dir)
     training.barrier(dist)
@@ -167,31 +171,3 @@ def train_policy(base_dir: str | Path, examples: Sequence[SFTExample], out_dir: 
                   markers=markers, markers_added=added, wall_seconds=round(time.monotonic() - t0, 1))
     return report
 
-
-def save_model(model, tokenizer, out_dir: Path, info: dict[str, Any]) -> None:
-    """bf16 safetensors + tokenizer + rstar_model.json, written into a temp dir then renamed."""
-    import os
-    import shutil
-    import tempfile
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out_dir.parent))
-    try:
-        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        model.to(torch.float32)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def model_info(model_dir: str | Path) -> dict[str, Any]:
-    p = Path(model_dir) / MODEL_INFO
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -134,17 +135,56 @@ def train_loop(model: torch.nn.Module, n_examples: int, *, cfg: TrainConfig, dis
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
+    stream, steps_total = _plan_steps(n_examples, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_schedule(cfg.warmup_ratio, steps_total))
+    ckpt = work_dir / CHECKPOINT
+    start_step = _resume(ckpt, fingerprint, model, optim, sched, cfg, dist, desc, steps_total)
+    ddp = _data_parallel(model, dist)
+    use_bf16 = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    progress = _Progress(cfg, dist, desc, steps_total, start_step)
+    history: list[float] = []
+    model.train()
+    for step in range(start_step, steps_total):
+        batch = stream[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        step_loss = _optimizer_step(ddp, batch, forward, weight_of, params, optim, sched, cfg, dist, use_bf16)
+        history.append(step_loss)
+        done = step + 1
+        progress.update(done, step_loss, len(batch), sum(tokens_of(i) for i in batch))
+        if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0) and done < steps_total:
+            _save_checkpoint(ckpt, fingerprint, done, model, optim, sched, dist)
+        if on_step is not None:
+            on_step(done, step_loss)
+    progress.close()
+    model.eval()
+    return {"steps": steps_total, "resumed_from": start_step, "loss_first": history[0] if history else None,
+            "loss_last": history[-1] if history else None, "losses": [round(x, 5) for x in history],
+            "seconds": round(progress.elapsed(), 2), "examples_seen": progress.seen_ex,
+            "tokens_seen": progress.seen_tok, "device": str(dist.device), "world_size": dist.world, "bf16": use_bf16}
+
+
+# ------------------------------------------------------------------ preparing: data stream, schedule, resume
+def _plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[list[int], int]:
+    """The example stream of the whole run and its number of optimizer steps.
+
+    `max_steps > 0` asks for exactly that many steps, the data cycled (with fresh
+    seeded shuffles) when the epochs do not cover them.
+    """
     stream = index_stream(n_examples, cfg.epochs, cfg.seed)
     steps_total = math.ceil(len(stream) / cfg.batch_size)
-    if cfg.max_steps > 0:   # an exact number of optimizer steps, cycling the data when needed
+    if cfg.max_steps > 0:
         steps_total = cfg.max_steps
         extra = 1
         while len(stream) < steps_total * cfg.batch_size:
             stream += index_stream(n_examples, 1, cfg.seed * 1000 + extra)
             extra += 1
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_ratio * steps_total)) if cfg.warmup_ratio > 0 else 0
+    return stream, steps_total
+
+
+def _lr_schedule(warmup_ratio: float, steps_total: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup, then linear decay to 10% of the peak."""
+    warmup = max(1, int(warmup_ratio * steps_total)) if warmup_ratio > 0 else 0
 
     def lr_lambda(step: int) -> float:
         if warmup and step < warmup:
@@ -152,93 +192,121 @@ def train_loop(model: torch.nn.Module, n_examples: int, *, cfg: TrainConfig, dis
         rest = max(1, steps_total - warmup)
         return max(0.0, 1.0 - (step - warmup) / rest) * 0.9 + 0.1
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda)
-    start_step = 0
-    ckpt = work_dir / CHECKPOINT
-    if cfg.checkpoint_every > 0 and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optim.load_state_dict(state["optim"])
-            sched.load_state_dict(state["sched"])
-            start_step = int(state["step"])
-            if dist.main:
-                log.info("%s: resuming from checkpoint at step %d/%d", desc, start_step, steps_total)
-        elif dist.main:
+    return lr_lambda
+
+
+def _resume(ckpt: Path, fingerprint: str, model: torch.nn.Module, optim: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, dist: Dist, desc: str,
+            steps_total: int) -> int:
+    """Load a checkpoint of the same run (same fingerprint) into model, optimizer and schedule; the step to start at."""
+    if cfg.checkpoint_every <= 0 or not ckpt.is_file():
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        if dist.main:
             log.info("%s: checkpoint %s is for other data/settings; starting over", desc, ckpt)
-    ddp = model
+        return 0
+    model.load_state_dict(state["model"])
+    optim.load_state_dict(state["optim"])
+    sched.load_state_dict(state["sched"])
+    start_step = int(state["step"])
+    if dist.main:
+        log.info("%s: resuming from checkpoint at step %d/%d", desc, start_step, steps_total)
+    return start_step
+
+
+def _data_parallel(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    if dist.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------ one optimizer step
+def _optimizer_step(ddp: torch.nn.Module, batch: list[int], forward: Callable[[torch.nn.Module, list[int]], torch.Tensor],
+                    weight_of: Callable[[int], float], params: list[torch.nn.Parameter], optim: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, dist: Dist,
+                    use_bf16: bool) -> float:
+    """One optimizer step on the global `batch`; returns its loss (the same on every rank)."""
+    optim.zero_grad(set_to_none=True)
+    step_loss = _accumulate_gradients(ddp, batch, forward, weight_of, cfg, dist, use_bf16)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optim.step()
+    sched.step()
+    return step_loss
+
+
+def _accumulate_gradients(ddp: torch.nn.Module, batch: list[int],
+                          forward: Callable[[torch.nn.Module, list[int]], torch.Tensor],
+                          weight_of: Callable[[int], float], cfg: TrainConfig, dist: Dist, use_bf16: bool) -> float:
+    """Backward over this rank's slice of `batch` in micro-batches; the loss is normalised by the
+    weight of the whole global batch, so neither `micro_batch` nor the number of ranks changes it.
+    DDP all-reduces the gradients on the last micro-batch only."""
+    denom = sum(weight_of(i) for i in batch) or 1.0
+    mine = batch[dist.rank::dist.world]
+    micro = [mine[j:j + cfg.micro_batch] for j in range(0, len(mine), cfg.micro_batch)]
+    step_loss = 0.0
+    for k, idx in enumerate(micro):
+        sync = k == len(micro) - 1
+        ctx = ddp.no_sync() if (dist.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx, torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = forward(ddp, idx) / denom
+            (loss * dist.world).backward()
+        step_loss += float(loss.detach())
     if dist.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    use_bf16 = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    bar = None
-    if dist.main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps_total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
-    history: list[float] = []
-    log_every = max(1, steps_total // 20)
-    t0 = time.monotonic()
-    seen_ex = seen_tok = 0
-    model.train()
-    for step in range(start_step, steps_total):
-        batch = stream[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        denom = sum(weight_of(i) for i in batch) or 1.0
-        mine = batch[dist.rank::dist.world]
-        micro = [mine[j:j + cfg.micro_batch] for j in range(0, len(mine), cfg.micro_batch)]
-        optim.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for k, idx in enumerate(micro):
-            sync = k == len(micro) - 1
-            ctx = ddp.no_sync() if (dist.world > 1 and not sync) else _nullcontext()
-            with ctx, torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = forward(ddp, idx) / denom
-                (loss * dist.world).backward()
-            step_loss += float(loss.detach())
-        if dist.world > 1:
-            t = torch.tensor([step_loss], device=dist.device)
-            torch.distributed.all_reduce(t)
-            step_loss = float(t.item())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optim.step()
-        sched.step()
-        history.append(step_loss)
-        seen_ex += len(batch)
-        seen_tok += sum(tokens_of(i) for i in batch)
-        done = step + 1
-        dt = max(1e-6, time.monotonic() - t0)
-        if bar is not None:
-            bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{seen_ex / dt:.2f}", tok_s=f"{seen_tok / dt:.0f}")
-            bar.update(1)
-        elif dist.main and (done == steps_total or done - start_step in (1, 2, 5) or done % log_every == 0):
-            # no bar (logs to a file, a Job): a progress line now and then, with the same numbers
-            log.info("%s: step %d/%d loss %.4f, %.2f examples/s, %.0f tokens/s, eta %.0f s", desc, done,
-                     steps_total, step_loss, seen_ex / dt, seen_tok / dt,
-                     dt / (done - start_step) * (steps_total - done))
-        if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0) and done < steps_total:
-            if dist.main:
-                _atomic_torch_save({"fingerprint": fingerprint, "step": done, "model": model.state_dict(),
-                                    "optim": optim.state_dict(), "sched": sched.state_dict()}, ckpt)
-            barrier(dist)
-        if on_step is not None:
-            on_step(done, step_loss)
-    if bar is not None:
-        bar.close()
-    model.eval()
-    elapsed = time.monotonic() - t0
-    return {"steps": steps_total, "resumed_from": start_step, "loss_first": history[0] if history else None,
-            "loss_last": history[-1] if history else None, "losses": [round(x, 5) for x in history],
-            "seconds": round(elapsed, 2), "examples_seen": seen_ex, "tokens_seen": seen_tok,
-            "device": str(dist.device), "world_size": dist.world, "bf16": use_bf16}
+        t = torch.tensor([step_loss], device=dist.device)
+        torch.distributed.all_reduce(t)
+        step_loss = float(t.item())
+    return step_loss
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+# ------------------------------------------------------------------ progress and checkpoints
+class _Progress:
+    """Loss, examples/s and tokens/s on rank 0: a tqdm bar, or without one (logs to a file, a Job)
+    a progress line now and then with the same numbers."""
 
-    def __exit__(self, *exc):
-        return False
+    def __init__(self, cfg: TrainConfig, dist: Dist, desc: str, steps_total: int, start_step: int):
+        self.desc, self.steps_total, self.start_step = desc, steps_total, start_step
+        self.main = dist.main
+        self.bar = None
+        if dist.main and cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps_total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+        self.log_every = max(1, steps_total // 20)
+        self.t0 = time.monotonic()
+        self.seen_ex = self.seen_tok = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def update(self, done: int, step_loss: float, examples: int, tokens: int) -> None:
+        self.seen_ex += examples
+        self.seen_tok += tokens
+        dt = max(1e-6, self.elapsed())
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{self.seen_ex / dt:.2f}",
+                                 tok_s=f"{self.seen_tok / dt:.0f}")
+            self.bar.update(1)
+        elif self.main and (done == self.steps_total or done - self.start_step in (1, 2, 5)
+                            or done % self.log_every == 0):
+            log.info("%s: step %d/%d loss %.4f, %.2f examples/s, %.0f tokens/s, eta %.0f s", self.desc, done,
+                     self.steps_total, step_loss, self.seen_ex / dt, self.seen_tok / dt,
+                     dt / (done - self.start_step) * (self.steps_total - done))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _save_checkpoint(ckpt: Path, fingerprint: str, step: int, model: torch.nn.Module, optim: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, dist: Dist) -> None:
+    """Rank 0 saves model + optimizer + schedule + step atomically; every rank waits for it."""
+    if dist.main:
+        _atomic_torch_save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                            "optim": optim.state_dict(), "sched": sched.state_dict()}, ckpt)
+    barrier(dist)
 
 
 def remove_checkpoint(work_dir: Path) -> None:

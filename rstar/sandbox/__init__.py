@@ -1,3 +1,11 @@
-"""The sandbox domain: a warm pool of isolated one-shot workers that run untrusted
-Python under limits (`pool`), the isolation layers (`isolation`) and the fork server
-(`zygote`). No gRPC: `sandbox_svc` serves it, the trainer runs it in-process."""
+"""The sandbox domain: run untrusted Python in isolated one-shot workers, under limits.
+
+- `pool`: `Sandbox`, the service-side handle (admission, batches, deadlines,
+  metrics, restarts of the fork server);
+- `config`: `SandboxConfig`;
+- `protocol`: the frames and messages between the pool, the fork server and a worker;
+- `forkserver`: the fork-server process (warm pool, fork, reap, limits from outside);
+- `child`: what runs inside one forked worker (enter isolation, run one program, exit);
+- `isolation`: the isolation layers (rlimits, namespaces, unprivileged, Landlock, seccomp).
+
+No gRPC: `sandbox_svc` serves it, the trainer runs it in-process."""

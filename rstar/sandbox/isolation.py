@@ -1,11 +1,12 @@
 """Isolation layers applied inside a sandbox worker before it runs untrusted code.
 
 Each layer is a function that either succeeds or raises `LayerUnavailable`;
-`apply_layers` applies a chosen set in a fixed order (namespaces, privileges,
-Landlock, seccomp last because it forbids the syscalls the others need).
-Everything here runs in a freshly forked child of the fork server; nothing is
-ever applied to the service process itself. Pure stdlib (ctypes) except
-seccomp, which uses PyPI `pyseccomp` over the system's libseccomp.so.2.
+the worker (`rstar.sandbox.child`) applies the chosen set in the order of
+`LAYERS` (seccomp last because it forbids the syscalls the others need).
+Everything here runs in the fork server (namespaces, once) or in a freshly
+forked child of it; nothing is ever applied to the service process itself.
+Pure stdlib (ctypes) except seccomp, which uses PyPI `pyseccomp` over the
+system's libseccomp.so.2.
 
 Layers:
 - `rlimits`: address space, CPU seconds, file size, open files, processes, core dumps.
@@ -70,7 +71,6 @@ def current_address_space() -> int:
 
 
 # ---------------------------------------------------------------- namespaces
-CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000

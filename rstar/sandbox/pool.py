@@ -1,7 +1,8 @@
 """The sandbox: run untrusted, model-written Python programs, isolated, limited and fast.
 
-`Sandbox` owns a fork-server process (`rstar.sandbox.zygote`) with a warm pool of
-pre-forked, pre-isolated workers, and runs batches of programs on it
+`Sandbox` owns a fork-server process (`rstar.sandbox.forkserver`) with a warm pool
+of pre-forked, pre-isolated workers (`rstar.sandbox.child`), talks to it in the
+frames of `rstar.sandbox.protocol`, and runs batches of programs on it
 concurrently, results in order. It knows nothing of gRPC.
 
 Contract, per execution:
@@ -59,7 +60,7 @@ from rstar import metrics
 
 from rstar.sandbox.config import SandboxConfig
 from rstar.sandbox.isolation import LAYERS
-from rstar.sandbox.zygote import SAFE_ENV, FrameReader, send_frame
+from rstar.sandbox.protocol import SAFE_ENV, FrameReader, send_frame
 
 log = logging.getLogger("rstar.sandbox")
 
@@ -162,13 +163,13 @@ class Sandbox:
 
     def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding the `rstar` package
         cfg = {
             "pool_size": self.config.pool_size, "max_concurrent": self.config.max_concurrent,
             "layers": list(self.config.layers), "scratch_root": self.config.scratch_root,
             "log_level": self.config.log_level,
         }
-        boot = f"import sys; sys.path.insert(0, {root!r}); from rstar.sandbox.zygote import main; main()"
+        boot = f"import sys; sys.path.insert(0, {root!r}); from rstar.sandbox.forkserver import main; main()"
         env = dict(SAFE_ENV, PATH="/usr/bin:/bin")
         self._hello.clear()
         self._warm.clear()

@@ -101,9 +101,8 @@ class Node:
         """What this node adds to the prefix its children see (the output step after a code block)."""
         if self.parent is None:
             return ()
-        if self.ends_code and not self.failure and not self.is_answer:
-            return (self.text, stepfmt.output_step(self.output))
-        return (self.text,)
+        return stepfmt.steps_added(self.text, self.output, ends_code=self.ends_code, failed=bool(self.failure),
+                                   is_answer=self.is_answer)
 
     def prefix_steps(self) -> tuple[str, ...]:
         chain = []
@@ -161,10 +160,13 @@ def _dedupe_key(text: str) -> str:
 
 def expand_leaf(leaf: Node, candidates: Sequence[Candidate], settings: TreeSettings,
                 next_id: int) -> list[Node]:
-    """Child nodes from the policy's candidates: dedupe, collapse answers, parse, check limits.
+    """Child nodes from the policy's candidates: classify, dedupe, collapse answers, check limits.
 
-    Children that need verification carry `program` (to run before evaluation);
-    candidates cut by the token limit, empty or unterminated steps are failed at once.
+    Each candidate is classified by `rstar.steps.classify_candidate` (the same rule eval and
+    synthesis use: model-written system markers cut the step, an answer comes only from a
+    well-formed answer step). Children that need verification carry `program` (to run before
+    evaluation); failed candidates (cut by the token limit, empty, unterminated, an answer
+    outside an answer step) and non-answer steps at the depth limit are terminal at once.
     """
     is_first = leaf.parent is None
     parent_steps = leaf.prefix_steps()
@@ -172,43 +174,40 @@ def expand_leaf(leaf: Node, candidates: Sequence[Candidate], settings: TreeSetti
     seen: set[str] = set()
     answer_kept = False
     for cand in candidates:
-        text = stepfmt.normalize_candidate(cand.text, is_first)
-        key = _dedupe_key(text)
+        step = stepfmt.classify_candidate(cand.text, cand.finish_reason, is_first)
+        key = _dedupe_key(step.text)
         if key in seen:
             continue
         seen.add(key)
-        parsed = stepfmt.parse_step(text)
-        if parsed.is_answer and cand.finish_reason != "length":
+        if step.is_answer:
             if answer_kept and settings.keep_one_answer:
                 continue
             answer_kept = True
-        child = Node(id=next_id + len(children), parent=leaf, depth=leaf.depth + 1, text=text,
-                     code=parsed.code, finish_reason=cand.finish_reason, num_tokens=cand.num_tokens,
-                     ends_code=parsed.ends_code)
-        if cand.finish_reason == "length":
-            child.failure = "length"
-        elif parsed.is_answer:
-            child.answer = parsed.answer or ""
-        elif not cand.text.strip() or not (parsed.code.strip() or parsed.ends_code):
-            child.failure = "empty"        # nothing but markers
-        elif not parsed.complete:
-            child.failure = "incomplete"   # ended without a stop string and without an answer
+        child = Node(id=next_id + len(children), parent=leaf, depth=leaf.depth + 1, text=step.text,
+                     code=step.code, finish_reason=cand.finish_reason, num_tokens=cand.num_tokens,
+                     ends_code=step.ends_code)
+        if step.failed:
+            child.failure = step.failure
+        elif step.is_answer:
+            child.answer = step.answer
         elif child.depth >= settings.max_depth:
             child.failure = "depth"        # cannot reach an answer within the depth limit
         else:
-            child.program = stepfmt.assemble_program(parent_steps, text)
-        if child.failure:
-            child.terminal = True
-        if child.is_answer:
+            child.program = stepfmt.assemble_program(parent_steps, step.text)
+        if child.failure or child.is_answer:
             child.terminal = True
         children.append(child)
     return children
 
 
 def apply_execution(child: Node, result: ExecResult) -> None:
-    """Record the verification run; a failed run or an "error" in the output fails the step."""
+    """Record the verification run; a failed run or an "error" in the output fails the step.
+
+    The output is stored escaped (`rstar.steps.escape_output`): it enters the children's
+    prompts and the stored tree, where printed step markers must not read as steps.
+    """
     child.program = None
-    child.output = result.stdout
+    child.output = stepfmt.escape_output(result.stdout)
     if result.failure != "ok":
         child.failure = result.failure
     elif stepfmt.output_is_failure(result.stdout):

@@ -1,22 +1,27 @@
 """The fork server: one warm interpreter that forks an isolated worker per execution.
 
-The service starts this module as a separate process (never forking the
-multi-threaded gRPC process itself) with a clean environment. It imports the
-common libraries of math code once, then keeps `pool_size` workers forked
-ahead of demand: each worker has already entered its isolation layers
-(`rstar.sandbox.isolation`) and blocks reading one job from a pipe. A job runs in
-exactly one worker, which exits afterwards, so nothing leaks between runs; the
-pool refills itself in the background.
+Responsibility: the loop of the fork-server process and nothing inside a worker.
+The service's `Sandbox` (`rstar.sandbox.pool`) starts this module as a separate
+process (never forking the multi-threaded gRPC process itself) with a clean
+environment. `main` imports the common libraries of math code once (`preload`),
+enters the shared namespaces, sends a probe worker to find which isolation layers
+work, says hello, then runs `ForkServer.run`, a single-threaded loop (selectors +
+SIGCHLD wakeup fd) that:
 
-The loop is single-threaded (selectors + SIGCHLD wakeup fd). It enforces the
-wall-time limit and the output cap from outside the worker and classifies how
-each run ended. It talks to the service over one socket with length-prefixed
-JSON frames:
+- keeps `pool_size` workers forked ahead of demand (each has already entered its
+  isolation layers and blocks on its job pipe) and refills the pool as they are used;
+- queues jobs from the control socket, hands each to exactly one idle worker
+  (`max_concurrent` at most running), which exits afterwards, so nothing leaks
+  between runs;
+- enforces the wall-time limit and the output cap from outside the worker
+  (SIGKILL to its process group), honours cancels, reaps every child, deletes
+  each worker's scratch directory, and classifies how each run ended (`classify`);
+- reports results, pool stats and fatal errors to the service.
 
-  service -> zygote: {"op": "run", "id", "code", "wall", "memory", "output"} |
-                     {"op": "cancel", "id"} | {"op": "stop"}
-  zygote -> service: {"op": "hello", layers...} | {"op": "result", "id", ...} |
-                     {"op": "stats", "idle", "running", "queued"} | {"op": "fatal", "message"}
+What it does not do: run untrusted code or apply isolation to itself beyond the
+shared namespaces (the forked child does, `rstar.sandbox.child`), define the
+frames and messages it speaks (`rstar.sandbox.protocol`), or know about batches,
+deadlines of callers, restarts or metrics (the pool in the service does).
 """
 
 from __future__ import annotations
@@ -27,57 +32,23 @@ import json
 import logging
 import math
 import os
-import resource
 import selectors
 import shutil
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
-import traceback
 
 from rstar.sandbox import isolation
+from rstar.sandbox.child import worker_main
+from rstar.sandbox.protocol import (EXIT_MEMORY, EXIT_SETUP_FAILED, READ_CHUNK, FrameReader, read_all,
+                                    send_frame, write_all)
 
-log = logging.getLogger("rstar.sandbox.zygote")
+log = logging.getLogger("rstar.sandbox.forkserver")
 
 PRELOAD = ("math", "cmath", "fractions", "decimal", "statistics", "itertools", "functools", "collections",
            "heapq", "bisect", "random", "re", "string", "operator", "datetime", "json", "numpy", "sympy")
-EXIT_MEMORY = 249         # the program raised MemoryError (address-space limit)
-EXIT_SETUP_FAILED = 248   # the worker could not enter its isolation layers
-SAFE_ENV = {"LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-_HEADER = struct.Struct(">I")
-_baseline_as = 0          # worker: address space before the program (the memory limit adds to it)
-_lock_limits = False      # worker: add a seccomp rule against setrlimit after applying the job's limits
-namespaces_ok = False  # the fork server entered its namespaces (workers inherit them)
-namespaces_error = "disabled by configuration"
-_READ_CHUNK = 65536
-
-
-# ------------------------------------------------------------------ framing
-def send_frame(sock: socket.socket, msg: dict) -> None:
-    data = json.dumps(msg, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-class FrameReader:
-    """Accumulates bytes and yields complete frames."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[dict]:
-        self.buf += data
-        out = []
-        while len(self.buf) >= 4:
-            (n,) = _HEADER.unpack_from(self.buf)
-            if len(self.buf) < 4 + n:
-                break
-            out.append(json.loads(bytes(self.buf[4:4 + n])))
-            del self.buf[:4 + n]
-        return out
 
 
 # ------------------------------------------------------------------ preloading
@@ -110,157 +81,10 @@ def preload() -> list[str]:
     return loaded
 
 
-# ------------------------------------------------------------------ worker side (runs in the forked child)
-def worker_main(fds: dict[str, int], scratch: str, layers: list[str], strict: bool,
-                readable: list[str], can_switch_uid: bool) -> None:
-    """Enter the isolation layers, report ready, read one job, run it, exit. Never returns."""
-    try:
-        status = _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid)
-    except BaseException as e:  # noqa: BLE001
-        try:
-            os.write(3, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
-        finally:
-            os._exit(EXIT_SETUP_FAILED)
-    os.write(3, json.dumps(status).encode() + b"\n")
-    if status.get("probe"):
-        os._exit(0)
-    _run_job()
-
-
-def _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid) -> dict:
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too-large files fail with EFBIG instead of killing
-    signal.set_wakeup_fd(-1)
-    isolation.set_parent_death_signal(signal.SIGKILL)
-    os.setsid()
-    import fcntl
-
-    # move every fd above the targets first, so no dup2 below clobbers a source
-    high = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for name, fd in fds.items()}
-    high["devnull"] = fcntl.fcntl(os.open("/dev/null", os.O_RDWR), fcntl.F_DUPFD, 100)
-    for target, name in ((0, "job"), (1, "out"), (2, "err"), (3, "status"), (4, "devnull")):
-        os.dup2(high[name], target)
-    os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    os.chdir(scratch)
-    os.environ.clear()
-    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
-    tempfile.tempdir = scratch
-    sys.path[:] = [p for p in sys.path if any(p == r or p.startswith(r + os.sep) for r in readable)]
-    sys.path_importer_cache.clear()
-    for name in [m for m in sys.modules if m == "rstar" or m.startswith("rstar.")]:
-        del sys.modules[name]
-    for lim in (resource.RLIMIT_CORE, resource.RLIMIT_NOFILE):
-        soft = 0 if lim == resource.RLIMIT_CORE else 64
-        resource.setrlimit(lim, (soft, soft))
-
-    active, errors, info = [], {}, {"probe": not strict}
-    global _baseline_as
-    _baseline_as = isolation.current_address_space()  # /proc is out of reach once Landlock is on
-    for layer in layers:
-        try:
-            if layer == "rlimits":
-                resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-            elif layer == "namespaces":
-                if not namespaces_ok:
-                    raise isolation.LayerUnavailable(namespaces_error)
-            elif layer == "unprivileged":
-                info["unprivileged_mode"] = isolation.apply_unprivileged(scratch, can_switch_uid)
-            elif layer == "landlock":
-                info["landlock_abi"] = isolation.apply_landlock(scratch, readable)
-            elif layer == "seccomp":
-                isolation.apply_seccomp()
-            active.append(layer)
-        except (isolation.LayerUnavailable, OSError) as e:
-            if strict:
-                raise
-            errors[layer] = str(e)
-    info.update(layers=active, errors=errors)
-    global _lock_limits
-    # without the unprivileged layer a root worker could raise its own limits again
-    _lock_limits = "seccomp" in active and "unprivileged" not in active
-    return info
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, _READ_CHUNK)
-        if not b:
-            return b"".join(chunks)
-        chunks.append(b)
-
-
-def _run_job() -> None:
-    try:
-        job = json.loads(_read_all(0))
-    except BaseException:  # noqa: BLE001 - the zygote closed the pipe without a job
-        os._exit(EXIT_SETUP_FAILED)
-    os.dup2(4, 0)
-    os.close(4)
-    os.close(3)  # the status channel closes before untrusted code runs, so it cannot forge one
-    import builtins
-    import io
-
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-                                  line_buffering=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                  errors="backslashreplace", line_buffering=True)
-    try:
-        wall = float(job["wall"])
-        isolation.apply_job_rlimits(int(job["memory"]), int(math.ceil(wall)) + 1, int(job["file_bytes"]),
-                                    _baseline_as)
-        if _lock_limits:
-            isolation.forbid_raising_limits()
-    except BaseException as e:  # noqa: BLE001
-        os.write(2, f"[sandbox] cannot apply limits: {e}\n".encode())
-        os._exit(EXIT_SETUP_FAILED)
-    code = job["code"]
-    del job
-    rc = 0
-    try:
-        compiled = compile(code, "<program>", "exec")
-        exec(compiled, {"__name__": "__main__", "__builtins__": builtins})  # noqa: S102 - the point of a sandbox
-    except SystemExit as e:
-        rc = _exit_code(e)
-    except MemoryError:
-        rc = EXIT_MEMORY
-        _print_exception()
-    except BaseException:  # noqa: BLE001
-        rc = 1
-        _print_exception()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001 - e.g. the program closed stdout
-            pass
-    os._exit(rc)
-
-
-def _exit_code(e: SystemExit) -> int:
-    if e.code is None:
-        return 0
-    if isinstance(e.code, int):
-        return e.code & 0xFF
-    try:
-        print(e.code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001
-        pass
-    return 1
-
-
-def _print_exception() -> None:
-    try:
-        etype, value, tb = sys.exc_info()
-        tb = tb.tb_next if tb is not None else None  # hide this module's frame
-        traceback.print_exception(etype, value, tb)
-    except BaseException:  # noqa: BLE001 - out of memory while printing
-        pass
-
-
-# ------------------------------------------------------------------ zygote side
+# ------------------------------------------------------------------ the loop
 class Worker:
+    """The fork server's view of one forked worker: its pipes, its job, what it printed, how it ended."""
+
     def __init__(self, pid: int, scratch: str, job_w: int, out_r: int, err_r: int, st_r: int):
         self.pid, self.scratch = pid, scratch
         self.job_w, self.out_r, self.err_r, self.st_r = job_w, out_r, err_r, st_r
@@ -277,10 +101,12 @@ class Worker:
         self.open_streams = 2
 
 
-class Zygote:
-    def __init__(self, sock: socket.socket, cfg: dict):
+class ForkServer:
+    """The warm pool and the selector loop around it; `cfg` is the JSON config the pool passes in argv."""
+
+    def __init__(self, sock: socket.socket, cfg: dict, namespaces_error: str | None):
         self.sock = sock
-        self.cfg = cfg
+        self.namespaces_error = namespaces_error  # None: namespaces entered (workers inherit them)
         self.pool_size = int(cfg["pool_size"])
         self.max_concurrent = int(cfg["max_concurrent"])
         self.base = tempfile.mkdtemp(prefix="rstar-sandbox-", dir=cfg.get("scratch_root") or None)
@@ -309,7 +135,7 @@ class Zygote:
         w = self._fork(wanted, strict=False)
         os.close(w.job_w)
         w.job_w = -1
-        data = _read_all(w.st_r)
+        data = read_all(w.st_r)
         _, status = os.waitpid(w.pid, 0)
         self._discard(w)
         try:
@@ -373,7 +199,7 @@ class Zygote:
         if pid == 0:
             try:
                 worker_main({"job": job_r, "out": out_w, "err": err_w, "status": st_w}, scratch, layers, strict,
-                            self.readable, self.can_switch_uid)
+                            self.readable, self.can_switch_uid, self.namespaces_error)
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         for fd in (job_r, out_w, err_w, st_w):
@@ -426,8 +252,7 @@ class Zygote:
             self.sel.register(fd, selectors.EVENT_READ, (kind, w))
         try:
             payload = json.dumps({k: job[k] for k in ("code", "wall", "memory", "file_bytes")}).encode()
-            # the worker is blocked reading this pipe, so a blocking write completes
-            os.write(w.job_w, payload) if len(payload) < 65536 else _write_all(w.job_w, payload)
+            write_all(w.job_w, payload)  # the worker is blocked reading this pipe, so a blocking write completes
         except OSError:
             pass  # worker died; reaping reports it
         os.close(w.job_w)
@@ -436,7 +261,7 @@ class Zygote:
     def _on_output(self, w: Worker, kind: str) -> None:
         fd = w.out_r if kind == "out" else w.err_r
         try:
-            data = os.read(fd, _READ_CHUNK)
+            data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
             return
         if not data:
@@ -626,15 +451,8 @@ def _kill(pid: int) -> None:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def main() -> None:
-    """Entry point: `python -I -c ... zygote.main()` with the control socket fd and JSON config in argv."""
+    """Entry point: `python -I -c ... forkserver.main()` with the control socket fd and JSON config in argv."""
     fd, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
     logging.basicConfig(level=getattr(logging, str(cfg.get("log_level", "INFO")).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -642,24 +460,24 @@ def main() -> None:
     isolation.set_child_subreaper()  # orphans of a worker come back to us and get reaped
     sock = socket.socket(fileno=fd)
     loaded = preload()
-    global namespaces_ok, namespaces_error
+    namespaces_error: str | None = "disabled by configuration"
     if "namespaces" in cfg["layers"]:
         try:
             isolation.apply_namespaces()
-            namespaces_ok = True
+            namespaces_error = None
         except isolation.LayerUnavailable as e:
             namespaces_error = str(e)
     isolation.preload_seccomp()  # libseccomp is found via ldconfig: impossible once a worker is isolated
-    zygote = Zygote(sock, cfg)
+    server = ForkServer(sock, cfg, namespaces_error)
     try:
-        probe = zygote.probe([layer for layer in isolation.LAYERS if layer in cfg["layers"]])
-        zygote.layers = probe.get("layers", [])
-        send_frame(sock, {"op": "hello", "pid": os.getpid(), "layers": zygote.layers,
+        probe = server.probe([layer for layer in isolation.LAYERS if layer in cfg["layers"]])
+        server.layers = probe.get("layers", [])
+        send_frame(sock, {"op": "hello", "pid": os.getpid(), "layers": server.layers,
                           "errors": probe.get("errors", {}), "landlock_abi": probe.get("landlock_abi", 0),
                           "unprivileged_mode": probe.get("unprivileged_mode", ""), "preloaded": loaded,
-                          "python": sys.version.split()[0], "readable": zygote.readable})
-        zygote.run()
+                          "python": sys.version.split()[0]})
+        server.run()
     except BaseException:
         log.exception("sandbox fork server crashed")
-        zygote.shutdown()
+        server.shutdown()
         raise

@@ -1,0 +1,144 @@
+"""Stage `synthesis`: one shard of the round's problem pool -> stored trajectory shards + summaries.
+
+Round 1 is a bootstrap (`EvolveConfig.bootstrap`): `reference` converts GSM8K
+reference solutions (trainer.bootstrap), `teacher` runs MCTS with an
+OpenAI-compatible endpoint as the policy, `policy` runs MCTS with the current
+policy. Rounds >= 2 run MCTS with the current policy (terminal-guided), and
+from `ppm_from_round` on with the current PPM (PPM-augmented). The pool is cut
+into chunks of `chunk` problems; each chunk is one trajectory shard, and a
+complete shard is never redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from rstar.rounds import summary_key
+from trainer import publish
+from trainer.stages.context import Context, StageError
+from trainer.stages.context import stage_executor as _executor
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(ctx: Context, shard: int, shards: int) -> list[tuple[str, list[dict[str, Any]]]]:
+    mine = ctx.pool_problems()[shard::shards]
+    size = ctx.cfg.chunk
+    return [(f"shard-{shard:03d}-{c:04d}", mine[i:i + size]) for c, i in enumerate(range(0, len(mine), size))]
+
+
+def _make_synth_policy(ctx: Context, round_no: int):
+    cfg = ctx.cfg
+    if round_no == 1 and cfg.bootstrap == "teacher":
+        from trainer.bootstrap import TeacherPolicy
+
+        if not cfg.teacher_url or not cfg.teacher_model:
+            raise StageError("bootstrap=teacher needs --teacher-url and --teacher-model")
+        return TeacherPolicy(cfg.teacher_url, cfg.teacher_model, cfg.teacher_api_key or os.environ.get("OPENAI_API_KEY", ""),
+                             timeout=cfg.teacher_timeout)
+    if cfg.policy_address:
+        from rstar.clients import PolicyClient
+
+        return PolicyClient(cfg.policy_address)
+    from trainer.evaluate import HFPolicy
+
+    version = ctx.registry.current(publish.POLICY)
+    return HFPolicy(ctx.model_dir(publish.POLICY, version), version=version or "base", threads=cfg.threads)
+
+
+def _make_synth_scorer(ctx: Context, round_no: int):
+    if round_no < ctx.cfg.ppm_from_round:
+        return None
+    if ctx.cfg.ppm_address:
+        from rstar.clients import PPMClient
+
+        return PPMClient(ctx.cfg.ppm_address)
+    version = ctx.registry.current(publish.PPM)
+    if version is None:
+        log.warning("round %d: no promoted PPM; synthesis stays terminal-guided", round_no)
+        return None
+    from rstar.ppm import PPMScorer
+
+    return PPMScorer(ctx.model_dir(publish.PPM, version), version)   # implements the Scorer protocol
+
+
+def stage_synthesis(ctx: Context, round_no: int, shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    from rstar import trees as traj
+
+    cfg = ctx.cfg
+    chunks = _chunks(ctx, shard, shards)
+    done_names = {i.shard for i in traj.list_complete_shards(ctx.store, round_no)}
+    todo = [(name, probs) for name, probs in chunks if name not in done_names]
+    log.info("round %d synthesis shard %d/%d: %d chunks, %d already stored", round_no, shard, shards,
+             len(chunks), len(chunks) - len(todo))
+    t0 = time.monotonic()
+    method = cfg.bootstrap if round_no == 1 else "policy"
+    if todo:
+        executor = _executor(ctx)
+        try:
+            if method == "reference":
+                _synth_reference(ctx, round_no, todo, executor)
+            else:
+                _synth_mcts(ctx, round_no, todo, executor)
+        finally:
+            executor.close()
+    # the shard's summary, from what is stored (so a resumed shard reports everything)
+    total = solved = trees = 0
+    for name, probs in chunks:
+        m = traj.read_manifest(ctx.store, round_no, name)
+        total += m.get("problems", len(probs))
+        solved += m.get("solved", 0)
+        trees += m.get("trees", 0)
+    summary = {"round": round_no, "shard": shard, "shards": shards, "method": method, "chunks": len(chunks),
+               "chunks_run": len(todo), "total": total, "solved": solved, "trees": trees,
+               "seconds": round(time.monotonic() - t0, 1)}
+    ctx.put_json(summary_key(round_no, f"synthesis-{shard}"), summary)
+    _aggregate_synthesis(ctx, round_no, shards)
+    return summary
+
+
+def _aggregate_synthesis(ctx: Context, round_no: int, shards: int) -> dict[str, Any]:
+    parts = [ctx.get_json(summary_key(round_no, f"synthesis-{i}")) for i in range(shards)]
+    have = [p for p in parts if p]
+    agg = {"round": round_no, "shards": shards, "shards_done": len(have),
+           "total": sum(p["total"] for p in have), "solved": sum(p["solved"] for p in have),
+           "trees": sum(p["trees"] for p in have), "method": have[0]["method"] if have else ""}
+    agg["solved_ratio"] = agg["solved"] / agg["total"] if agg["total"] else 0.0
+    ctx.put_json(summary_key(round_no, "synthesis"), agg)
+    return agg
+
+
+def _synth_reference(ctx: Context, round_no: int, todo, executor) -> None:
+    from rstar import trees as traj
+    from trainer import bootstrap
+
+    for name, probs in todo:
+        convs, _ = bootstrap.convert_pool(probs)
+        ok, stats = bootstrap.verify_conversions(convs, executor)
+        stats.problems = len(probs)
+        trees = [bootstrap.chain_tree(c, out, round_no) for c, out in ok]
+        traj.write_shard(ctx.store, round_no, name, trees,
+                         {"problems": len(probs), "solved": len(trees), "method": "gsm8k-reference",
+                          "bootstrap": stats.as_dict()})
+        log.info("round %d %s: %s", round_no, name, stats.line())
+
+
+def _synth_mcts(ctx: Context, round_no: int, todo, executor) -> None:
+    from rstar.search.core import SearchCore, SearchOptions, SynthesisProblem
+    from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED, derive_seed
+
+    cfg = ctx.cfg
+    policy = _make_synth_policy(ctx, round_no)
+    scorer = _make_synth_scorer(ctx, round_no)
+    core = SearchCore(policy, executor, scorer, store=ctx.store)
+    for name, probs in todo:
+        opts = SearchOptions(rollouts=cfg.rollouts_for(round_no), k=cfg.candidates, max_depth=cfg.max_depth,
+                             seed=derive_seed(cfg.seed, round_no, name), temperature=cfg.temperature,
+                             max_step_tokens=cfg.max_step_tokens,
+                             annotation=PPM_AUGMENTED if scorer is not None else TERMINAL_GUIDED)
+        out = core.synthesize([SynthesisProblem(str(p["id"]), p["problem"], str(p["answer"])) for p in probs],
+                              opts, round_no=round_no, shard=name, store_trees=True)
+        log.info("round %d %s: %d/%d solved", round_no, name, out.solved, len(probs))
