@@ -11,7 +11,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(PY) -m rstar_cli.main demo
+	$(PY) -m rstar_cli demo $(if $(MODEL),--model $(MODEL))
 
 test: setup
 	./scripts/test.sh

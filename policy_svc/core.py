@@ -48,12 +48,14 @@ class PolicyEngine:
     def __init__(self, model_dir: str | Path, version: str, *, few_shot: bool = True, max_model_len: int = 4096,
                  kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, dtype: str = "auto",
                  enforce_eager: bool = True, max_batch_sequences: int = 256, chunked_prefill: bool = False,
-                 max_batched_tokens: int = 16384):
+                 max_batched_tokens: int = 16384, cpu_threads: str = "all"):
         self.few_shot = model_few_shot(model_dir, few_shot)
         self.prompt_style = prompt_style(model_dir)
         if self.few_shot != few_shot:
             log.info("%s: few_shot=%s (from its model info)", model_dir, self.few_shot)
         self.max_batch_sequences = max_batch_sequences
+        self.cpu_threads = cpu_threads
+        self.thread_binding = ""   # what vLLM's CPU worker was bound to ("" on a GPU)
         self.on_fatal = None  # called when the engine cannot serve any more (the service exits)
         self._engine_args = dict(max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization, dtype=resolve_dtype(dtype),
@@ -72,6 +74,11 @@ class PolicyEngine:
         a = self._engine_args
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(a["kv_cache_gib"]))
         if not has_gpu():
+            bind = cpu_thread_binding(self.cpu_threads)
+            if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            self.thread_binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+            log.info("vLLM CPU threads bound to %s", self.thread_binding)
             # vLLM kills its engine when one model step runs past this (default 300 s); a large
             # unchunked prefill on a slow shared CPU can, and a dead engine takes the service down
             os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
@@ -222,6 +229,29 @@ def resolve_dtype(dtype: str, gpu: bool | None = None, cpuinfo: str | None = Non
     if gpu is None:
         gpu = has_gpu()
     return "bfloat16" if gpu or cpu_has_bf16(cpuinfo) else "float32"
+
+
+def cpu_thread_binding(setting: str, cores: Sequence[int] | None = None) -> str | None:
+    """The VLLM_CPU_OMP_THREADS_BIND value for a `cpu_threads` setting (None = leave vLLM's default).
+
+    vLLM-CPU's own choice ("auto") reserves cores for itself and on a 2-core machine binds
+    the model worker to ONE core; binding to every core this process may use measured
+    1.8-1.9x here (Qwen2.5-Coder-0.5B fp32: 2.8 -> 5.3 tok/s single stream, 36 -> 64 tok/s
+    for 32 sequences).
+    """
+    if setting == "auto":
+        return None
+    if setting != "all":
+        return setting
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    ranges, start = [], None
+    for i, c in enumerate(cores):   # compress 0,1,2,5 -> "0-2,5"
+        if start is None:
+            start = c
+        if i + 1 == len(cores) or cores[i + 1] != c + 1:
+            ranges.append(f"{start}-{c}" if c != start else str(c))
+            start = None
+    return ",".join(ranges)
 
 
 def has_gpu() -> bool:

@@ -19,8 +19,8 @@ from typing import Callable
 
 from rstar import metrics
 from rstar.config import parse
-from rstar.reload import ModelSlot
-from rstar.server import Service, create_grpc_server, serve, setup_logging
+from rstar.reload import model_service
+from rstar.server import Service, serve, setup_logging
 from rstar.v1 import policy_pb2, policy_pb2_grpc
 
 from policy_svc.config import PolicyConfig
@@ -34,23 +34,6 @@ SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 def create_server(config: PolicyConfig, core=None, on_fatal: Callable[[str], None] | None = None) -> Service:
     """Build the service (not started). `core`: a `Policy` to serve instead of loading the model;
     `on_fatal`: told when a loaded engine dies for good (the process should exit)."""
-    built: set[int] = set()  # engines this service built (and so closes); an injected core is the caller's
-
-    def close_engine(engine) -> None:
-        if id(engine) in built:
-            built.discard(id(engine))
-            engine.close()
-
-    slot: ModelSlot = ModelSlot("policy", "policy", close=close_engine)
-    servicer = PolicyServicer(config, slot)
-
-    def register(server):
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
-
-    handle = create_grpc_server("policy", register, config.host, config.port)
-    slot.on_ready = handle.set_serving
-    source = None
 
     def build(version: str, model_dir: Path):
         from policy_svc.core import PolicyEngine
@@ -60,33 +43,18 @@ def create_server(config: PolicyConfig, core=None, on_fatal: Callable[[str], Non
             kv_cache_gib=config.kv_cache_gib, gpu_memory_utilization=config.gpu_memory_utilization,
             dtype=config.dtype, enforce_eager=config.enforce_eager, max_batch_sequences=config.max_batch_sequences,
             chunked_prefill=config.chunked_prefill, max_batched_tokens=config.max_batched_tokens,
+            cpu_threads=config.cpu_threads,
         )
         engine.on_fatal = on_fatal
-        built.add(id(engine))
         return engine
 
-    def load_step() -> None:
-        nonlocal source
+    def two_copies() -> bool:
         from policy_svc.core import has_gpu
-        from rstar.modelsource import ModelSource
 
-        mode = config.reload_mode
-        slot.two_copies = mode == "beside" or (mode == "auto" and not has_gpu())
-        source = ModelSource("policy", config.model, config.model_version, config.store_url)
-        model_dir, version = source.resolve()
-        load = slot.loader(build)
-        load(version, model_dir)
-        source.watch(config.reload_interval, load)
+        return config.reload_mode == "beside" or (config.reload_mode == "auto" and not has_gpu())
 
-    def release() -> None:
-        if source is not None:
-            source.stop()
-        slot.close()
-
-    if core is not None:
-        slot.swap(core, config.model_version or getattr(core, "version", "") or "injected")
-    return Service(handle, servicer, load_step=None if core is not None else load_step, release=release,
-                   core_of=lambda: slot.current.model if slot.current is not None else None)
+    return model_service("policy", config, lambda slot: PolicyServicer(config, slot),
+                         policy_pb2_grpc.add_PolicyServiceServicer_to_server, SERVICE_NAME, build, core, two_copies)
 
 
 def main(argv=None) -> int:

@@ -97,5 +97,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         models = [common_pb2.ModelVersion(name="policy", version=cur.version)] if cur is not None else []
         details = {"model_dir": str(getattr(core, "model_dir", "") or (cur.path if cur and cur.path else "")),
                    "few_shot": str(getattr(core, "few_shot", self.config.few_shot)),
-                   "reload_mode": "beside" if self.slot.two_copies else "drain"}
+                   "reload_mode": "beside" if self.slot.two_copies else "drain",
+                   "cpu_threads_bind": str(getattr(core, "thread_binding", "") or ""),
+                   "prompt_style": str(getattr(core, "prompt_style", ""))}
         return common_pb2.InfoResponse(service="policy", models=models, ready=self.slot.ready, details=details)

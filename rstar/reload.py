@@ -318,3 +318,63 @@ class ModelWatcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object],
+                  add_to_server: Callable[[object, object], None], service_name: str,
+                  build: Callable[[str, Path], M], core: M | None = None,
+                  two_copies: Callable[[], bool] = lambda: True):
+    """The wiring both model services share (policy, PPM): a `ModelSlot` behind a gRPC server.
+
+    With `core` given (anything implementing the service's protocol, e.g. a fake in tests)
+    that one is served at once and never closed by the service. Without, the returned
+    service's load step resolves the model (`rstar.modelsource.ModelSource`: a directory,
+    an embedded model, or the registry's CURRENT), builds it with `build(version, dir)`
+    and, with a registry, hot-reloads promoted versions through the slot; models it built
+    are closed when replaced or at shutdown. Health is SERVING exactly while the slot can
+    serve. `config` needs host, port, model, model_version, store_url, reload_interval.
+    """
+    from rstar.server import Service, create_grpc_server
+
+    built: set[int] = set()
+
+    def close_built(model) -> None:
+        if id(model) in built:
+            built.discard(id(model))
+            model.close()
+
+    slot: ModelSlot = ModelSlot(name, name, close=close_built, two_copies=two_copies())
+    servicer = make_servicer(slot)
+
+    def register(server):
+        add_to_server(servicer, server)
+        return [service_name]
+
+    handle = create_grpc_server(name, register, config.host, config.port)
+    slot.on_ready = handle.set_serving
+    source = None
+
+    def build_tracked(version: str, model_dir: Path):
+        model = build(version, model_dir)
+        built.add(id(model))
+        return model
+
+    def load_step() -> None:
+        nonlocal source
+        from rstar.modelsource import ModelSource
+
+        source = ModelSource(name, config.model, config.model_version, config.store_url)
+        model_dir, version = source.resolve()
+        load = slot.loader(build_tracked)
+        load(version, model_dir)
+        source.watch(config.reload_interval, load)
+
+    def release() -> None:
+        if source is not None:
+            source.stop()
+        slot.close()
+
+    if core is not None:
+        slot.swap(core, config.model_version or getattr(core, "version", "") or "injected")
+    return Service(handle, servicer, load_step=None if core is not None else load_step, release=release,
+                   core_of=lambda: slot.current.model if slot.current is not None else None)

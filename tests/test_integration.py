@@ -83,6 +83,17 @@ def test_health_and_reflection(services):
             assert full in names and "grpc.health.v1.Health" in names
 
 
+def test_policy_binds_vllm_to_every_core_and_says_so_in_info(services):
+    from policy_svc.core import cpu_thread_binding
+
+    eps, _, _ = services
+    with _channel(eps, "policy") as ch:
+        info = policy_pb2_grpc.PolicyServiceStub(ch).Info(common_pb2.InfoRequest(), timeout=10)
+    # the default cpu_threads=all, unless the test environment set vLLM's variable itself
+    expected = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_thread_binding("all")
+    assert info.details["cpu_threads_bind"] == expected
+
+
 def test_policy_generates_k_candidates_per_prefix_with_stop_strings(services):
     eps, _, _ = services
     with _channel(eps, "policy") as ch:

@@ -37,3 +37,26 @@ def test_auto_dtype_is_bfloat16_on_gpu_or_bf16_cpu():
 def test_explicit_dtype_is_kept():
     assert resolve_dtype("bfloat16", gpu=False, cpuinfo=AVX2_ONLY) == "bfloat16"
     assert resolve_dtype("float16", gpu=True) == "float16"
+
+
+def test_cpu_threads_all_binds_every_core_this_process_may_use():
+    from policy_svc.core import cpu_thread_binding
+
+    assert cpu_thread_binding("all", [0, 1]) == "0-1"
+    assert cpu_thread_binding("all", [0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert cpu_thread_binding("all", [3]) == "3"
+    assert cpu_thread_binding("auto") is None          # vLLM's own (one core of two here)
+    assert cpu_thread_binding("0,2") == "0,2"
+
+
+def test_cpu_threads_setting_is_validated():
+    import pytest
+
+    from policy_svc.config import PolicyConfig
+    from rstar.config import ConfigError
+
+    for good in ("all", "auto", "0-1", "0,2-3"):
+        PolicyConfig(cpu_threads=good).validate()
+    for bad in ("", "1-", "x", "0;1"):
+        with pytest.raises(ConfigError):
+            PolicyConfig(cpu_threads=bad).validate()
