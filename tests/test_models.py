@@ -118,3 +118,27 @@ def test_a_converted_model_says_how_it_is_prompted(tiny):
     path = models.ensure_model(model.name)
     assert prompt_style(path) == "chatml" and model_few_shot(path, False) is True
     assert models.QWEN.prompt_style == "chatml" and models.SMOLLM2.prompt_style == "rstar"
+
+
+def test_concurrent_first_uses_convert_once(tiny):
+    import threading
+
+    model, _ = tiny
+    calls = []
+    real = models.convert_gguf
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    models.convert_gguf = counting
+    try:
+        out = []
+        threads = [threading.Thread(target=lambda: out.append(models.ensure_model(model.name))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        models.convert_gguf = real
+    assert len(calls) == 1 and len(set(out)) == 1 and (out[0] / models.DONE_MARKER).is_file()
