@@ -164,3 +164,38 @@ def test_evolve_cli_argument_errors(tmp_path, capsys, monkeypatch):
     assert main(["evolve", "--rounds", "1", "--bootstrap", "nope"]) == 2
     err = capsys.readouterr().err
     assert "--rounds N" in err and "no evaluation summary" in err and "bootstrap must be one of" in err
+
+
+@pytest.mark.timeout(300)
+def test_round1_bootstrap_reference_plus_policy_over_two_pools(setup, tmp_path):
+    """Round 1 from converted references AND terminal-guided MCTS trees, over two pool files."""
+    import dataclasses
+
+    from trainer.stages.synthesis import stage_synthesis
+
+    math_pool = _write(tmp_path / "math.jsonl", [{"id": "m0", "problem": "What is 3 + 4?", "answer": "7",
+                                                   "solution": "$3+4=\\boxed{7}$"}])
+    cfg = dataclasses.replace(setup, pool=f"{setup.pool},{math_pool}", bootstrap="reference+policy", rollouts="1",
+                              candidates=2, max_depth=2, max_step_tokens=8, chunk=8)
+    cfg.validate()
+    ctx = evolve.Context(cfg)
+    summary = stage_synthesis(ctx, 1)
+    shards = {s.shard: s.manifest for s in traj.list_complete_shards(ctx.store, 1)}
+    assert set(shards) == {"ref-shard-000-0000", "shard-000-0000"}
+    assert shards["ref-shard-000-0000"]["method"] == "gsm8k-reference"
+    mcts = list(traj.read_shard(ctx.store, 1, "shard-000-0000"))
+    assert {t.problem_id for t in mcts} == {"p0", "p1", "p2", "p3", "m0"}   # dev0 excluded, both pools
+    assert summary["method"] == "reference+policy" and summary["by_method"]["reference"]["solved"] == 4
+    assert summary["total"] == 5
+    again = stage_synthesis(ctx, 1)   # resumable: nothing is redone
+    assert again["chunks_run"] == 0
+
+
+def test_bootstrap_methods_are_validated(setup):
+    import dataclasses
+
+    from rstar.config import ConfigError
+
+    for bad in ("policy+teacher", "reference+reference", "magic", "reference+"):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(setup, bootstrap=bad).validate()

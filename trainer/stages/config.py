@@ -13,14 +13,16 @@ BOOTSTRAPS = ("reference", "teacher", "policy")
 @dataclass
 class EvolveConfig:
     store_url: str = field("", "object store URL ('' = $RSTAR_STORE_URL, else $RSTAR_HOME/store)")
-    pool: str = field("", "problem pool JSONL (id, problem, answer[, solution]) for synthesis")
-    pool_limit: int = field(0, "use the first N problems of the pool (0 = all)")
+    pool: str = field("", "problem pool JSONL (id, problem, answer[, solution]) for synthesis; several files "
+                      "comma-separated (e.g. gsm8k_train.jsonl,math_train.jsonl)")
+    pool_limit: int = field(0, "use the first N problems of each pool file (0 = all)")
     dev: str = field("", "dev set JSONL for the promotion gate (its ids are excluded from the pool)")
     dev_limit: int = field(0, "evaluate on the first N dev problems (0 = all)")
     base_model: str = field("default", "BASE model every round fine-tunes from ('default' = the embedded Qwen2.5-Coder-0.5B-Instruct; or an embedded model's name, or a directory)")
     shards: int = field(1, "synthesis shards (`rstar evolve --rounds` runs them one after the other)")
     chunk: int = field(64, "problems per stored trajectory shard (the unit of resumption)")
-    bootstrap: str = field("reference", "round-1 synthesis: reference (GSM8K solutions), teacher, or policy")
+    bootstrap: str = field("reference", "round-1 synthesis: reference (GSM8K solutions), teacher, policy, or "
+                           "reference+policy / reference+teacher (both: converted references and MCTS trees)")
     teacher_url: str = field("", "OpenAI-compatible server for bootstrap=teacher (e.g. http://host:8000/v1)")
     teacher_model: str = field("", "model name at the teacher endpoint")
     teacher_api_key: str = field("", "bearer token for the teacher endpoint (or env OPENAI_API_KEY)")
@@ -62,8 +64,11 @@ class EvolveConfig:
     progress: bool = field(True, "progress bars")
 
     def validate(self) -> None:
-        if self.bootstrap not in BOOTSTRAPS:
-            raise ConfigError(f"bootstrap must be one of {BOOTSTRAPS}, got {self.bootstrap!r}")
+        methods = self.bootstrap.split("+")
+        if not methods or any(m not in BOOTSTRAPS for m in methods) or len(set(methods)) != len(methods) \
+                or ("teacher" in methods and "policy" in methods):
+            raise ConfigError(f"bootstrap must be one of {BOOTSTRAPS} or reference+policy / reference+teacher, "
+                              f"got {self.bootstrap!r}")
         if self.shards < 1 or self.chunk < 1:
             raise ConfigError("shards and chunk must be >= 1")
         try:

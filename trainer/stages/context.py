@@ -48,7 +48,11 @@ class Context:
         if not self.cfg.pool:
             raise StageError("no problem pool: pass --pool FILE.jsonl (env RSTAR_EVOLVE_POOL)")
         dev_ids = [p["id"] for p in data.load_problems(self.cfg.dev)] if self.cfg.dev else []
-        return data.load_problems(self.cfg.pool, limit=self.cfg.pool_limit, exclude_ids=dev_ids)
+        out: list[dict[str, Any]] = []
+        for path in (p.strip() for p in self.cfg.pool.split(",")):
+            if path:
+                out += data.load_problems(path, limit=self.cfg.pool_limit, exclude_ids=dev_ids)
+        return out
 
     def base_model(self) -> Path:
         from rstar.models import resolve_model_dir

@@ -24,15 +24,20 @@ from trainer.stages.context import stage_executor as _executor
 log = logging.getLogger(__name__)
 
 
-def _chunks(ctx: Context, shard: int, shards: int) -> list[tuple[str, list[dict[str, Any]]]]:
+def _chunks(ctx: Context, shard: int, shards: int, prefix: str = "") -> list[tuple[str, list[dict[str, Any]]]]:
     mine = ctx.pool_problems()[shard::shards]
     size = ctx.cfg.chunk
-    return [(f"shard-{shard:03d}-{c:04d}", mine[i:i + size]) for c, i in enumerate(range(0, len(mine), size))]
+    return [(f"{prefix}shard-{shard:03d}-{c:04d}", mine[i:i + size]) for c, i in enumerate(range(0, len(mine), size))]
+
+
+def synthesis_methods(cfg, round_no: int) -> list[str]:
+    """What a round's synthesis runs: round 1 the bootstrap (one or two methods), later the policy."""
+    return cfg.bootstrap.split("+") if round_no == 1 else ["policy"]
 
 
 def _make_synth_policy(ctx: Context, round_no: int):
     cfg = ctx.cfg
-    if round_no == 1 and cfg.bootstrap == "teacher":
+    if "teacher" in synthesis_methods(cfg, round_no):
         from trainer.bootstrap import TeacherPolicy
 
         if not cfg.teacher_url or not cfg.teacher_model:
@@ -69,14 +74,19 @@ def stage_synthesis(ctx: Context, round_no: int, shard: int = 0, shards: int = 1
     from rstar import trees as traj
 
     cfg = ctx.cfg
-    chunks = _chunks(ctx, shard, shards)
+    methods = synthesis_methods(cfg, round_no)
     done_names = {i.shard for i in traj.list_complete_shards(ctx.store, round_no)}
-    todo = [(name, probs) for name, probs in chunks if name not in done_names]
-    log.info("round %d synthesis shard %d/%d: %d chunks, %d already stored", round_no, shard, shards,
-             len(chunks), len(chunks) - len(todo))
     t0 = time.monotonic()
-    method = cfg.bootstrap if round_no == 1 else "policy"
-    if todo:
+    chunks: list[tuple[str, list[dict[str, Any]]]] = []
+    for method in methods:
+        # with two methods the references get their own shard names; MCTS keeps the plain ones
+        mine = _chunks(ctx, shard, shards, "ref-" if method == "reference" and len(methods) > 1 else "")
+        chunks += mine
+        todo = [(name, probs) for name, probs in mine if name not in done_names]
+        log.info("round %d synthesis shard %d/%d (%s): %d chunks, %d already stored", round_no, shard, shards,
+                 method, len(mine), len(mine) - len(todo))
+        if not todo:
+            continue
         executor = _executor(ctx)
         try:
             if method == "reference":
@@ -85,16 +95,21 @@ def stage_synthesis(ctx: Context, round_no: int, shard: int = 0, shards: int = 1
                 _synth_mcts(ctx, round_no, todo, executor)
         finally:
             executor.close()
-    # the shard's summary, from what is stored (so a resumed shard reports everything)
-    total = solved = trees = 0
+    method = "+".join(methods)
+    # the shard's summary, from what is stored (so a resumed shard reports everything); with two
+    # methods the top-level counts are the last one's (MCTS), each method's are under by_method
+    by_method: dict[str, dict[str, int]] = {}
     for name, probs in chunks:
         m = traj.read_manifest(ctx.store, round_no, name)
-        total += m.get("problems", len(probs))
-        solved += m.get("solved", 0)
-        trees += m.get("trees", 0)
+        key = "reference" if name.startswith("ref-") or m.get("method") == "gsm8k-reference" else methods[-1]
+        c = by_method.setdefault(key, {"total": 0, "solved": 0, "trees": 0})
+        c["total"] += m.get("problems", len(probs))
+        c["solved"] += m.get("solved", 0)
+        c["trees"] += m.get("trees", 0)
+    last = by_method.get(methods[-1], {"total": 0, "solved": 0, "trees": 0})
     summary = {"round": round_no, "shard": shard, "shards": shards, "method": method, "chunks": len(chunks),
-               "chunks_run": len(todo), "total": total, "solved": solved, "trees": trees,
-               "seconds": round(time.monotonic() - t0, 1)}
+               "chunks_run": len([c for c in chunks if c[0] not in done_names]), **last,
+               "by_method": by_method, "seconds": round(time.monotonic() - t0, 1)}
     ctx.put_json(summary_key(round_no, f"synthesis-{shard}"), summary)
     _aggregate_synthesis(ctx, round_no, shards)
     return summary
