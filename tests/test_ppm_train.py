@@ -54,3 +54,25 @@ def test_ppm_learns_to_rank_held_out_pairs(tmp_path, tiny_format_model_dir):
     scores = scorer.score([(p.question, list(p.pos)), (p.question, list(p.neg))])
     (sp, sn), version = scores, scores.model_version
     assert version == "r1" and -1 <= sn < sp <= 1
+
+
+@pytest.mark.timeout(240)
+def test_head_only_ppm_learns_on_a_frozen_backbone_and_resumes_from_cached_features(tmp_path, tiny_format_model_dir):
+    train = synthetic_pairs(96, seed=1)
+    held_out = synthetic_pairs(40, seed=2)
+    cfg = training.TrainConfig(lr=1e-2, epochs=30, batch_size=32, progress=False, max_length=256)
+    out, work = tmp_path / "ppm", tmp_path / "ppm.work"
+    report = ppm_train.train_ppm_head(tiny_format_model_dir, train, out, cfg, work_dir=work)
+    assert report["mode"] == "head" and report["loss_last"] < report["loss_first"]
+    acc = ppm_train.pair_accuracy(out, held_out)
+    assert acc >= 0.75, f"held-out ranking accuracy {acc:.2f}, train {report['train_pair_accuracy']:.2f}"
+    # the backbone is unchanged: only the head was fitted
+    from safetensors.torch import load_file
+
+    before = load_file(str(next(tiny_format_model_dir.glob("*.safetensors"))))
+    after = load_file(str(next(out.glob("model*.safetensors"))))
+    k = next(k for k in after if "layers.0.self_attn.q_proj.weight" in k)
+    assert torch.equal(after[k].float(), before["model." + k if "model." + k in before else k].float())
+    # a second run finds the cached features (no forward pass) and gives the same head
+    report2 = ppm_train.train_ppm_head(tiny_format_model_dir, train, tmp_path / "ppm2", cfg, work_dir=work)
+    assert report2["feature_seconds"] < report["feature_seconds"] and report2["losses"] == report["losses"]

@@ -11,6 +11,13 @@ rankings are the same), weighted by the pair's group weight 1 / (n+ * n-)
 atomically in the model-artifact format (`rstar.artifacts.save_model_dir`):
 backbone HF files + tokenizer + `value_head.safetensors` + `rstar_model.json`.
 Not here: the optimisation loop (`trainer.training`), publishing (`trainer.publish`).
+
+`train_ppm_head` is the CPU-sized variant: the backbone stays frozen, the last
+token's hidden state of every distinct input is computed once (batched by
+length, cached in the work directory so a killed run resumes without
+recomputing), and only the Linear head is fitted on the cached features with
+the same weighted loss: a linear probe. One forward pass per input instead of
+forward + backward per pair and epoch.
 """
 
 from __future__ import annotations
@@ -83,6 +90,93 @@ def train_ppm(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path
     training.barrier(dist)
     report.update(pairs=len(pairs), groups=len({p.group for p in pairs}), wall_seconds=round(time.monotonic() - t0, 1))
     return report
+
+
+@torch.no_grad()   # not inference_mode: the features feed an autograd graph (the head's) afterwards
+def hidden_features(model, tok, texts: Sequence[str], max_length: int, batch: int = 8, device="cpu",
+                    on_batch=None) -> torch.Tensor:
+    """The backbone's last-token hidden state of each text ([N, hidden], fp32), batched by length."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.value_head.in_features)
+    for b in range(0, len(order), batch):
+        idx = order[b:b + batch]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_length).to(device)
+        mask = enc["attention_mask"]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = model.backbone(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids)
+        out[idx] = h.last_hidden_state[:, -1, :].float().cpu()
+        if on_batch:
+            on_batch(min(b + batch, len(order)), len(order))
+    return out
+
+
+def train_ppm_head(policy_dir: str | Path, pairs: Sequence[Pair], out_dir: str | Path, cfg: training.TrainConfig,
+                   work_dir: str | Path | None = None, head_seed: int = 0, feature_batch: int = 8,
+                   metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit only the value head on a frozen backbone (see the module docstring); same output as `train_ppm`."""
+    import hashlib
+
+    from rstar.ppm import load_value_model
+
+    if not pairs:
+        raise ValueError("no preference pairs to train the PPM on")
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir or out_dir.with_name(out_dir.name + ".work"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    model, tok = load_value_model(policy_dir, head_seed=head_seed, dtype=torch.float32)
+    style = prompt_style(policy_dir)
+    pos_texts, neg_texts = _texts(pairs, style)
+    uniq = sorted(set(pos_texts) | set(neg_texts))
+    index = {t: i for i, t in enumerate(uniq)}
+    digest = hashlib.sha256(("\x00".join(uniq) + f"|{policy_dir}|{cfg.max_length}").encode()).hexdigest()[:16]
+    cache = work_dir / f"features-{digest}.pt"
+    t_feat = time.monotonic()
+    if cache.is_file():
+        feats = torch.load(cache)
+        log.info("PPM head: %d cached features from %s", len(uniq), cache)
+    else:
+        def progress(done: int, total: int) -> None:
+            if done == total or done % (feature_batch * 25) == 0:
+                log.info("PPM head: features %d/%d (%.0f s)", done, total, time.monotonic() - t_feat)
+
+        feats = hidden_features(model, tok, uniq, cfg.max_length, feature_batch, on_batch=progress)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(feats, tmp)
+        tmp.replace(cache)   # a killed run leaves no half-written cache
+    feature_seconds = time.monotonic() - t_feat
+    pi = torch.tensor([index[t] for t in pos_texts])
+    ni = torch.tensor([index[t] for t in neg_texts])
+    w = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    head = model.value_head
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, -(-len(pairs) // cfg.batch_size))
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    order = torch.randperm(len(pairs), generator=gen)
+    pos = 0
+    for _ in range(total_steps):
+        if pos >= len(order):
+            order, pos = torch.randperm(len(pairs), generator=gen), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        r = head(feats).squeeze(-1)
+        loss = bt_loss(r[pi[idx]], r[ni[idx]], w[idx]) / w[idx].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        r = head(feats).squeeze(-1)
+        train_acc = float((r[pi] > r[ni]).float().mean())
+    save_ppm(model, tok, out_dir, {"kind": "ppm", "policy": str(policy_dir), "head_seed": head_seed, "mode": "head",
+                                   "prompt_style": style, "train": asdict(cfg), **(metadata or {})})
+    return {"mode": "head", "pairs": len(pairs), "inputs": len(uniq), "steps": total_steps,
+            "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "train_pair_accuracy": train_acc,
+            "feature_seconds": round(feature_seconds, 1), "wall_seconds": round(time.monotonic() - t0, 1)}
 
 
 def save_ppm(model, tok, out_dir: Path, info: dict[str, Any]) -> None:

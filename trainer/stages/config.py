@@ -45,6 +45,10 @@ class EvolveConfig:
     sft_max_length: int = field(4096, "SFT sequence length (longer examples are dropped)")
     markers: str = field("added", "step markers in the tokenizer: added, special, none")
     lora_r: int = field(0, "LoRA rank for SFT (0 = full fine-tune)")
+    ppm_mode: str = field("full", "what PPM training updates: full (backbone + head, the paper) or head (frozen "
+                          "backbone, hidden states computed once, a linear head fitted on them: one forward "
+                          "pass per input, sized for a CPU)")
+    ppm_head_lr: float = field(1e-3, "learning rate of the head in ppm_mode=head")
     ppm_lr: float = field(7e-6, "PPM learning rate (paper 7e-6)")
     ppm_epochs: float = field(1.0, "PPM epochs (paper 1)")
     ppm_batch_size: int = field(512, "PPM pairs per optimizer step (paper 512)")
@@ -69,6 +73,8 @@ class EvolveConfig:
                 or ("teacher" in methods and "policy" in methods):
             raise ConfigError(f"bootstrap must be one of {BOOTSTRAPS} or reference+policy / reference+teacher, "
                               f"got {self.bootstrap!r}")
+        if self.ppm_mode not in ("full", "head"):
+            raise ConfigError(f"ppm_mode must be full or head, got {self.ppm_mode!r}")
         if self.shards < 1 or self.chunk < 1:
             raise ConfigError("shards and chunk must be >= 1")
         try:
@@ -89,7 +95,7 @@ class EvolveConfig:
                            threads=self.threads, progress=self.progress)
 
     def ppm_train(self) -> TrainConfig:
-        return TrainConfig(lr=self.ppm_lr, epochs=self.ppm_epochs, batch_size=self.ppm_batch_size,
+        return TrainConfig(lr=self.ppm_head_lr if self.ppm_mode == "head" else self.ppm_lr, epochs=self.ppm_epochs, batch_size=self.ppm_batch_size,
                            micro_batch=self.ppm_micro_batch, max_steps=self.ppm_max_steps,
                            max_length=self.ppm_max_length, seed=self.seed, threads=self.threads,
                            progress=self.progress)

@@ -64,7 +64,7 @@ def stage_train_policy(ctx: Context, round_no: int) -> dict[str, Any]:
 
 
 def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
-    from trainer.ppm_train import train_ppm
+    from trainer.ppm_train import train_ppm, train_ppm_head
 
     cfg = ctx.cfg
     version = publish.version_name(round_no)
@@ -87,9 +87,10 @@ def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
     if m is None:
         policy_dir = ctx.registry.fetch(publish.POLICY, version)
         out = ctx.work / f"round-{round_no}" / "ppm"
-        report = train_ppm(policy_dir, pairs, out, cfg.ppm_train(),
-                           work_dir=ctx.work / f"round-{round_no}" / "ppm.work",
-                           metadata={"round": round_no, "version": version})
+        train = train_ppm_head if cfg.ppm_mode == "head" else train_ppm
+        report = train(policy_dir, pairs, out, cfg.ppm_train(),
+                       work_dir=ctx.work / f"round-{round_no}" / "ppm.work",
+                       metadata={"round": round_no, "version": version})
         m = publish.publish_once(
             ctx.registry, publish.PPM, out, version, parent=f"{publish.POLICY}/{version}", round=round_no, data=info,
             eval={"report": summary_key(round_no, "eval")},
