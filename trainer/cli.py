@@ -83,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.policy_address:
             from rstar.clients import PolicyClient
 
-            policy, label = PolicyClient(args.policy_address), f"policy service {args.policy_address}"
+            # one call carries every active problem (lock-step): on a CPU that can take many minutes
+            policy = PolicyClient(args.policy_address, timeout=args.call_timeout)
+            label = f"policy service {args.policy_address}"
         else:
             model_dir, label = _resolve_eval_model(args.model, args.store)
             policy = HFPolicy(model_dir, few_shot=few_shot, batch_size=args.batch, version=label, threads=args.threads)
@@ -179,6 +181,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--policy-address", default="", help="use the policy service instead of a local model")
     p.add_argument("--sandbox-address", default="", help="sandbox service ('' = in-process sandbox)")
     p.add_argument("--search-address", default="", help="search service for --mcts")
+    p.add_argument("--call-timeout", type=float, default=3600.0,
+                   help="deadline of one policy-service call in seconds (one call generates a step for every problem)")
     p.add_argument("--no-greedy", action="store_true", help="skip greedy decoding")
     p.add_argument("--samples", type=int, default=0, help="majority vote over N sampled trajectories")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --samples")
