@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                    description="PolicyService: candidate next steps from vLLM")
     setup_logging(config.log_level)
     if config.metrics_port >= 0:
-        metrics.start_metrics_server(config.metrics_port)
+        metrics.start_metrics_server(config.metrics_port, config.metrics_host)
     serve(create_server(config, on_fatal=_fatal))
     return 0
 

@@ -13,6 +13,8 @@ class PPMConfig:
     host: str = field("127.0.0.1", "address to bind")
     port: int = field(SERVICES["ppm"].port, "gRPC port (0 = any free port)")
     metrics_port: int = field(SERVICES["ppm"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
+    metrics_host: str = field("127.0.0.1", "address the /metrics HTTP server binds (0.0.0.0 in a pod, so Prometheus can scrape it)")
+    reflection: bool = field(True, "serve gRPC server reflection (grpcurl, grpcui); off: reflection calls get UNIMPLEMENTED")
     model: str = field("default", "HF model directory (backbone, optional value_head.safetensors), or 'default'")
     model_version: str = field("", "version label reported to clients (default: derived from the model)")
     store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/ppm/CURRENT")

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(config.threads)
     if config.metrics_port >= 0:
-        metrics.start_metrics_server(config.metrics_port)
+        metrics.start_metrics_server(config.metrics_port, config.metrics_host)
     serve(create_server(config))
     return 0
 

@@ -97,9 +97,23 @@ EVOLUTION_LAST_SUCCESS = Gauge(
 EVOLUTION_FAILURES = Counter("rstar_evolution_round_failures_total", "Rounds that failed.")
 
 
+_serving: tuple[str, int] | None = None  # (host, port) of the /metrics server this process started
+
+
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
-    """Serve /metrics on `port` (0 picks a free one); returns the bound port."""
+    """Serve /metrics on `host`:`port` (0 picks a free one); returns the bound port.
+
+    The services pass their config's `metrics_host` (loopback by default; the Kubernetes
+    manifests set 0.0.0.0 so Prometheus can scrape the pod IP). The default here is for
+    callers without such a setting (the evolution controller, a pod)."""
+    global _serving
     server, _thread = start_http_server(port, addr=host)
     bound = server.server_address[1]
+    _serving = (host, bound)
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound
+
+
+def serving_address() -> tuple[str, int] | None:
+    """(host, port) of the /metrics server started in this process, None if none."""
+    return _serving

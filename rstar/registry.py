@@ -71,11 +71,60 @@ class IntegrityError(RegistryError):
     """A file does not match the size or sha256 its manifest records."""
 
 
+class UnsafePath(IntegrityError):
+    """A manifest (or a directory being published) names a file path that is not a plain relative
+    path inside the version: absolute, `..`, empty parts, NUL or control characters, a reserved name.
+    Refused before anything is created, uploaded or deleted; the version can never be fetched."""
+
+
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value) or value in _RESERVED:
         raise ValueError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '-' "
                          f"(not {sorted(_RESERVED)})")
     return value
+
+
+_RESERVED_FILES = {"manifest.json", ".rstar-verified", ".rstar-manifest.json"}  # MANIFEST, CACHE_*
+
+
+def check_file_path(path: Any, where: str = "manifest") -> str:
+    """A version's file path: relative, `/`-separated, every part a plain name. Raises UnsafePath.
+
+    Checked before any filesystem or store effect, on both sides: `publish` (the local files)
+    and every manifest read (`Manifest.from_json`, so `fetch`, `verify`, `promote` and the
+    cache check never join an unchecked path onto a directory)."""
+    problem = None
+    if not isinstance(path, str) or not path:
+        problem = "an empty or non-string path"
+    elif any(ord(c) < 32 or c in "\x7f\\" for c in path):
+        problem = "NUL, a control character or a backslash"
+    elif path.startswith("/"):
+        problem = "an absolute path"
+    elif any(part in ("", ".", "..") for part in path.split("/")):
+        problem = "an empty, '.' or '..' path component"
+    elif any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.split("/")):
+        problem = "a path component longer than 255 bytes"
+    elif path in _RESERVED_FILES:
+        problem = "a name the registry reserves"
+    if problem:
+        raise UnsafePath(f"{where} lists the file path {path!r}: {problem}; refusing it")
+    return path
+
+
+def check_file_paths(paths: list[Any], where: str = "manifest") -> None:
+    """Every path valid, no duplicates, no file that is also another file's directory."""
+    seen: set[str] = set()
+    for path in paths:
+        check_file_path(path, where)
+        if path in seen:
+            raise UnsafePath(f"{where} lists the file path {path!r} twice; refusing it")
+        seen.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in seen:
+                raise UnsafePath(f"{where} lists both {'/'.join(parts[:i])!r} and {path!r} (a file used as a "
+                                 "directory); refusing it")
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -137,6 +186,11 @@ class Manifest:
             raise RegistryError(f"manifest schema {d['schema_version']} is newer than this code ({SCHEMA_VERSION})")
         d.pop("total_bytes", None)
         d["files"] = [FileEntry(**f) for f in d["files"]]
+        label = f"the manifest of {d.get('name')!s}/{d.get('version')!s}"
+        check_file_paths([f.path for f in d["files"]], label)
+        for f in d["files"]:
+            if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.sha256, str):
+                raise ValueError(f"{label}: bad size or sha256 for {f.path!r}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -296,6 +350,10 @@ class ModelRegistry:
         files = local_files(local_dir)
         if not files:
             raise RegistryError(f"{local_dir} has no files to publish")
+        rels = [path.relative_to(local_dir).as_posix() for path in files]
+        if MANIFEST in rels:
+            raise RegistryError(f"{local_dir} contains a file named {MANIFEST}, which the registry reserves")
+        check_file_paths(rels, str(local_dir))  # before any store effect (deleting stale objects, uploads)
         stale = self.store.list(self._vkey(name, version) + "/")
         if stale:
             log.warning("%s/%s: removing %d objects of an earlier unfinished upload", name, version, len(stale))
@@ -303,10 +361,7 @@ class ModelRegistry:
                 self.store.delete(key)
         entries = []
         t0 = time.monotonic()
-        for path in files:
-            rel = path.relative_to(local_dir).as_posix()
-            if rel == MANIFEST:
-                raise RegistryError(f"{local_dir} contains a file named {MANIFEST}, which the registry reserves")
+        for path, rel in zip(files, rels):
             digest, size = sha256_file(path)
             self.store.put_file(self._vkey(name, version, rel), path)
             entries.append(FileEntry(rel, size, digest))
@@ -448,6 +503,7 @@ class ModelRegistry:
         return self._download(m, raw, digest, final)
 
     def _download(self, m: Manifest, raw: bytes, digest: str, final: Path) -> Path:
+        check_file_paths([f.path for f in m.files], f"the manifest of {m.name}/{m.version}")  # before any mkdir
         final.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(final.parent).free
         if free < m.total_bytes:

@@ -27,8 +27,10 @@ independent of gRPC and of any model library:
   Any failure (bad hash, missing file, load error) leaves the old model serving,
   is logged and is counted in
   `rstar_model_reloads_total{service,model,outcome="failed"}`. A version that
-  failed for a reason of its own is not retried until CURRENT changes again; an
-  unreachable store is retried on the next poll.
+  failed for a reason of its own (a hash mismatch, a missing file, a manifest
+  with an unsafe file path or an unreadable manifest, a load error) is counted
+  and logged once and not retried until CURRENT changes again; an unreachable
+  store or a full cache disk is retried on the next poll.
 
 Not here: where the first model comes from (`rstar.modelsource`), how a model is
 built (the service's `build`), gRPC.
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from rstar import metrics
-from rstar.registry import IncompleteVersion, IntegrityError, ModelRegistry, VersionNotFound
+from rstar.registry import IncompleteVersion, IntegrityError, ModelRegistry, RegistryError, VersionNotFound
 from rstar.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -274,8 +276,10 @@ class ModelWatcher:
                 return "skipped"
             try:
                 local_dir = self.registry.fetch(self.name, target)
-            except (IncompleteVersion, IntegrityError, VersionNotFound) as e:
+            except (IncompleteVersion, IntegrityError, VersionNotFound) as e:  # incl. UnsafePath
                 return self._fail(target, str(e), permanent=True)
+            except (RegistryError, ValueError) as e:  # an unreadable or too-new manifest: also the version's own
+                return self._fail(target, f"{type(e).__name__}: {e}", permanent=True)
             except (StoreError, OSError) as e:
                 return self._fail(target, f"fetch failed: {e}", permanent=False)
             t0 = time.monotonic()
@@ -295,8 +299,9 @@ class ModelWatcher:
         self.last_error = why
         if permanent:
             self.failed_version = target
-        log.error("%s: not switching %s to %s; still serving %s: %s", self.service, self.name, target,
-                  self.version, why)
+        log.error("%s: not switching %s to %s; still serving %s: %s%s", self.service, self.name, target,
+                  self.version, why, " (refused for good: not retried until CURRENT moves)" if permanent
+                  else " (retried on the next poll)")
         return "failed"
 
     def start(self) -> "ModelWatcher":
@@ -332,7 +337,8 @@ def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object
     an embedded model, or the registry's CURRENT), builds it with `build(version, dir)`
     and, with a registry, hot-reloads promoted versions through the slot; models it built
     are closed when replaced or at shutdown. Health is SERVING exactly while the slot can
-    serve. `config` needs host, port, model, model_version, store_url, reload_interval.
+    serve. `config` needs host, port, model, model_version, store_url, reload_interval
+    (and may have `reflection`, default on).
     """
     from rstar.server import Service, create_grpc_server
 
@@ -350,7 +356,8 @@ def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object
         add_to_server(servicer, server)
         return [service_name]
 
-    handle = create_grpc_server(name, register, config.host, config.port)
+    handle = create_grpc_server(name, register, config.host, config.port,
+                                reflection=getattr(config, "reflection", True))
     slot.on_ready = handle.set_serving
     source = None
 

@@ -7,7 +7,9 @@ reflection. Every service's `create_server(config, core=None)` returns a
 loaded by the service's load step), `start()`, `load()`, `close()`. Health
 follows the core (a model slot, the sandbox pool, the downstream monitor), so a
 service is SERVING only once its core can answer. `serve` runs a `Service` until
-SIGTERM/SIGINT and then drains gracefully.
+SIGTERM/SIGINT and then drains gracefully; under `rstar up` it also ends with its
+launcher and keeps a pid file (see "local stacks" below). Reflection can be
+switched off per service (`reflection` in each service's config).
 Handlers raise `ServiceError` (or `ValueError` for bad input) and never leak a
 stack trace to clients: anything unexpected becomes INTERNAL with a one-line
 message, and the trace goes to the log.
@@ -17,20 +19,25 @@ Not here: any service's protobuf messages, cores or configuration.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from rstar import metrics
 from rstar.protocols import CallScope
+from rstar.services import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +185,12 @@ def create_grpc_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_workers: int = 16,
+    reflection: bool = True,
 ) -> ServerHandle:
-    """Build a server; `register` adds servicers and returns their full service names."""
+    """Build a server; `register` adds servicers and returns their full service names.
+
+    `reflection` (each service's `reflection` setting) serves gRPC server reflection
+    (for grpcurl/grpcui); off, the server answers reflection calls with UNIMPLEMENTED."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
         interceptors=[MetricsInterceptor(service)],
@@ -193,9 +204,11 @@ def create_grpc_server(
     names = tuple(register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    if reflection:
+        grpc_reflection.enable_server_reflection(
+            names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, grpc_reflection.SERVICE_NAME),
+            server,
+        )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{service}: cannot bind {host}:{port}")
@@ -270,6 +283,88 @@ class Service:
         self.close()
 
 
+# ---------------------------------------------------------------- local stacks (`rstar up`)
+#
+# Two environment variables, set by `rstar up` for the services it starts and read (then
+# removed from the environment, so nothing the service spawns inherits them) by `serve`:
+#   RSTAR_PARENT_PID  the service ends when that process does (`rstar up` without --detach)
+#   RSTAR_RUN_DIR     the service records itself in RUN_DIR/<name>-<port>.pid while it runs
+#                     (JSON: service, module, pid, port, metrics_port, started_at, start_ticks,
+#                     parent_pid), so `rstar down` can find a stack it did not start detached.
+# Neither is set in a pod, so Kubernetes services write no pid files and follow no parent.
+PARENT_PID_ENV = "RSTAR_PARENT_PID"
+RUN_DIR_ENV = "RSTAR_RUN_DIR"
+PARENT_POLL_S = 0.5
+KILL_AFTER_S = 20.0  # beyond the drain grace: a service that does not finish shutting down is killed
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot (/proc/PID/stat field 22), None off Linux.
+    Together with the pid it names one process: a recycled pid has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def follow_parent(parent_pid: int, grace: float, poll_s: float = PARENT_POLL_S) -> threading.Thread:
+    """End this process when `parent_pid` is no longer its parent (the parent died, however it died).
+
+    A daemon thread polls getppid(): on a change it sends this process SIGTERM (the normal
+    drain) and, if it is still alive `grace + KILL_AFTER_S` seconds later, SIGKILL. Polling the
+    parent pid, not PR_SET_PDEATHSIG: the death signal follows the *thread* that forked the
+    child, so a launcher that starts services from a worker thread would stop them when that
+    thread ends."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        log.warning("parent process %d is gone; shutting down", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace + KILL_AFTER_S)
+        log.error("still running %.0f s after the parent died; killing this process", grace + KILL_AFTER_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _take_env(name: str) -> str:
+    return os.environ.pop(name, "").strip()
+
+
+def write_pid_file(run_dir: Path, service: "Service") -> Path:
+    """Record this process in `run_dir` (atomically); returns the file's path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = SERVICES.get(service.name)
+    mhost_port = metrics.serving_address()
+    record = {
+        "service": service.name,
+        "module": spec.module if spec else sys.argv[0],
+        "pid": os.getpid(),
+        "port": service.port,
+        "metrics_port": mhost_port[1] if mhost_port else None,
+        "started_at": time.time(),
+        "start_ticks": process_start_ticks(os.getpid()),
+        "parent_pid": os.getppid(),
+    }
+    path = run_dir / f"{service.name}-{service.port}.pid"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _remove_pid_file(path: Path) -> None:
+    """Remove our pid file (not one a later process with the same name and port wrote)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def serve(service: Service, grace: float = 10.0, ready: threading.Event | None = None) -> None:
     """Start the service, run its load step in this thread, serve until SIGTERM/SIGINT.
 
@@ -277,6 +372,8 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
     its health follows the core from then on. `ready` is set once the load step
     returned. On a signal, health flips to NOT_SERVING first so load balancers stop
     sending, in-flight RPCs get `grace` seconds, then the core is released.
+    Started by `rstar up` (RSTAR_PARENT_PID, RSTAR_RUN_DIR; see above), the service also
+    ends when `rstar up` does and records itself in a pid file while it runs.
     """
     stop = threading.Event()
 
@@ -290,11 +387,18 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
+    parent, run_dir = _take_env(PARENT_PID_ENV), _take_env(RUN_DIR_ENV)
+    if parent:
+        follow_parent(int(parent), grace)
+    pid_file = None
     service.start()
     try:
+        if run_dir:
+            pid_file = write_pid_file(Path(run_dir), service)
         loading.set()
         try:
-            service.load()
+            if not stop.is_set():
+                service.load()
         finally:
             loading.clear()
         if not stop.is_set():
@@ -305,6 +409,8 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
         log.info("%s: interrupted while loading", service.name)
     finally:
         service.close(grace)
+        if pid_file is not None:
+            _remove_pid_file(pid_file)
         log.info("%s stopped", service.name)
 
 

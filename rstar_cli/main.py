@@ -1,7 +1,7 @@
 """The `rstar` command line.
 
-    rstar up [--detach]       start the four services on loopback, wait for health
-    rstar down                stop services started with --detach
+    rstar up [--detach]       start the four services on loopback, wait for health (they end with it)
+    rstar down                stop every recorded local service (detached or not)
     rstar status              health and model versions of each service
     rstar solve "PROBLEM"     solve through the search service (progress, trajectory, stats)
     rstar demo                up + solve a sample problem + down (the README's main job)
@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from rstar.config import home_dir
 from rstar.services import SERVICES as SERVICE_TABLE, START_ORDER
+from rstar_cli import stack
 
 SERVICES = START_ORDER
 DEMO_BUDGET = (4, 4)  # rollouts, candidates per expansion for `rstar demo` without budget flags
@@ -39,138 +37,27 @@ def _eprint(*a, **kw):
 # ---------------------------------------------------------------- services
 
 
-@dataclass
-class Endpoint:
-    name: str
-    address: str
-    metrics_url: str
-
-
-def endpoints(host: str = "127.0.0.1", base_port: int | None = None) -> dict[str, Endpoint]:
-    out = {}
-    for name, spec in SERVICE_TABLE.items():
-        port = spec.port if base_port is None else base_port + spec.offset
-        mport = spec.metrics_port if base_port is None else base_port + 100 + spec.offset
-        out[name] = Endpoint(name, f"{host}:{port}", f"http://{host}:{mport}/metrics")
-    return out
-
-
-def _run_dir() -> Path:
-    return home_dir() / "run"
-
-
-def _health(address: str, timeout: float = 2.0) -> str:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-    except grpc.RpcError as e:
-        return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-            else e.code().name
+# the process management of local stacks lives in rstar_cli/stack.py; these names stay importable
+# from here (tests use `cli.start_services`, `cli.wait_healthy`, `cli.Endpoint`, ...)
+Endpoint = stack.Endpoint
+endpoints = stack.endpoints
+start_services = stack.start_services
+stop_services = stack.stop_services
+wait_healthy = stack.wait_healthy
+busy_ports = stack.busy_ports
+_check_ports = stack.check_ports
+_health = stack.health
+_run_dir = stack.run_dir
+_pid_alive = stack.pid_alive
 
 
 def default_store_url() -> str:
     return os.environ.get("RSTAR_STORE_URL") or str(home_dir() / "store")
 
 
-def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = None,
-                   log_dir: Path | None = None, service_args: dict[str, list[str]] | None = None,
-                   store_url: str | None = None) -> dict[str, subprocess.Popen]:
-    """Start the four services as subprocesses; with `store_url`, policy and PPM serve the
-    registry's promoted versions (and hot-reload), search writes trees there."""
-    log_dir = log_dir or home_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **(extra_env or {}))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    procs = {}
-    for name in SERVICES:
-        ep = eps[name]
-        port = ep.address.rsplit(":", 1)[1]
-        mport = ep.metrics_url.rsplit(":", 1)[1].split("/")[0]
-        args = [sys.executable, "-m", SERVICE_TABLE[name].module, "--port", port, "--metrics-port", mport]
-        if name == "search":
-            args += ["--policy-address", eps["policy"].address, "--ppm-address", eps["ppm"].address,
-                     "--sandbox-address", eps["sandbox"].address]
-        if store_url and name in ("policy", "ppm", "search"):
-            args += ["--store-url", store_url]
-        args += (service_args or {}).get(name, [])
-        log = open(log_dir / f"{name}.log", "ab")
-        procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
-        log.close()
-    return procs
-
-
-def busy_ports(eps: dict[str, Endpoint]) -> list[str]:
-    """The endpoints whose gRPC or metrics port is already taken on this host."""
-    import socket
-
-    out = []
-    for name, ep in eps.items():
-        for what, port in (("grpc", ep.address.rsplit(":", 1)[1]),
-                           ("metrics", ep.metrics_url.rsplit(":", 1)[1].split("/")[0])):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("0.0.0.0" if what == "metrics" else ep.address.rsplit(":", 1)[0], int(port)))
-                except OSError:
-                    out.append(f"{name} {what} port {port}")
-    return out
-
-
-def _check_ports(eps: dict[str, Endpoint]) -> bool:
-    taken = busy_ports(eps)
-    if taken:
-        _eprint("error: in use: " + ", ".join(taken) + " (services already running? `rstar status`, `rstar down`, "
-                "or pick other ports with --base-port)")
-    return not taken
-
-
-def wait_healthy(eps: dict[str, Endpoint], procs: dict[str, subprocess.Popen] | None = None,
-                 timeout: float = 900.0, quiet: bool = False) -> None:
-    deadline = time.monotonic() + timeout
-    pending = set(eps)
-    start = time.monotonic()
-    while pending:
-        for name in sorted(pending):
-            if procs and procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited with code {procs[name].returncode}; see its log "
-                                   f"({home_dir() / 'logs' / (name + '.log')})")
-            if _health(eps[name].address, 1.0) == "SERVING":
-                pending.discard(name)
-                if not quiet:
-                    _eprint(f"  {name:8s} SERVING after {time.monotonic() - start:5.1f} s")
-        if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(sorted(pending))}")
-        if pending:
-            time.sleep(0.5)
-
-
-def stop_services(procs: dict[str, subprocess.Popen], grace: float = 20.0) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    for p in procs.values():
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-
-
 def _print_endpoints(eps: dict[str, Endpoint]) -> None:
     print("services:")
-    for name in ("policy", "ppm", "sandbox", "search"):
+    for name in (n for n in ("policy", "ppm", "sandbox", "search") if n in eps):
         ep = eps[name]
         print(f"  {name:8s} grpc {ep.address:18s} metrics {ep.metrics_url}")
     print(f"logs: {home_dir() / 'logs'}")
@@ -182,76 +69,70 @@ def _model_args(args) -> dict[str, list[str]]:
     return {"policy": ["--model", model], "ppm": ["--model", model]} if model else {}
 
 
+def _only(args) -> list[str]:
+    """The services `--only` selects (all four by default), in start order."""
+    names = [n.strip() for n in (getattr(args, "only", "") or "").split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SERVICE_TABLE))
+    if unknown:
+        raise SystemExit(f"rstar: error: --only: unknown service(s) {', '.join(unknown)} "
+                         f"(choose from {', '.join(SERVICE_TABLE)})")
+    return [n for n in START_ORDER if not names or n in names]
+
+
 def cmd_up(args) -> int:
-    eps = endpoints(args.host, args.base_port)
-    run = _run_dir()
-    state_file = run / "services.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        alive = [n for n, pid in state.get("pids", {}).items() if _pid_alive(pid)]
-        if alive:
-            _eprint(f"services already running ({', '.join(alive)}); `rstar down` first")
-            return 1
+    names = _only(args)
+    eps = endpoints(args.host, args.base_port, names)
+    ports = {p for ep in eps.values() for p in (ep.port, ep.metrics_port)}
+    running = [r for r in stack.live_services() if {r.port, r.metrics_port} & ports]
+    if running:
+        _eprint(f"services already running ({', '.join(r.describe() for r in running)}); `rstar down` first")
+        return 1
     if not _check_ports(eps):
         return 1
-    _eprint("starting policy, ppm, sandbox and search (first start downloads and converts the default model, ~4 min)...")
-    procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
-                           service_args=_model_args(args))
-    try:
-        wait_healthy(eps, procs, timeout=args.timeout)
-    except (RuntimeError, TimeoutError, KeyboardInterrupt) as e:
-        _eprint(f"error: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted")
-        stop_services(procs)
-        return 1
-    _print_endpoints(eps)
-    if args.detach:
-        run.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"pids": {n: p.pid for n, p in procs.items()},
-                                          "endpoints": {n: e.address for n, e in eps.items()}}))
-        print("detached; stop with `rstar down`")
-        return 0
-    print("Ctrl-C stops them all")
-    try:
-        while all(p.poll() is None for p in procs.values()):
-            time.sleep(1)
-        dead = [n for n, p in procs.items() if p.poll() is not None]
-        _eprint(f"error: {', '.join(dead)} exited; stopping the others")
-        return 1
-    except KeyboardInterrupt:
-        _eprint("stopping...")
-        return 0
-    finally:
-        stop_services(procs)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    if "search" in names and not {"policy", "ppm", "sandbox"} <= set(names):
+        _eprint("note: search is SERVING only once policy, ppm and sandbox answer at their stack addresses")
+    what = "policy, ppm, sandbox and search" if len(names) == 4 else ", ".join(names)
+    model_note = " (first start downloads and converts the default model, ~4 min)" \
+        if {"policy", "ppm"} & set(names) else ""
+    _eprint(f"starting {what}{model_note}...")
+    with stack.signals_raise():  # SIGTERM/SIGHUP: stop the services in order, like Ctrl-C
+        procs: dict[str, subprocess.Popen] = {}
+        try:
+            # a foreground stack follows this process: its services end when it ends, however it ends
+            procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
+                                   service_args=_model_args(args), follow=not args.detach)
+            wait_healthy(eps, procs, timeout=args.timeout)
+        except (RuntimeError, TimeoutError, KeyboardInterrupt, stack.Terminated) as e:
+            _eprint(f"error: {e}" if isinstance(e, (RuntimeError, TimeoutError)) else "interrupted")
+            stop_services(procs)
+            return 1
+        _print_endpoints(eps)
+        if args.detach:
+            stack.write_state(procs, eps)
+            print("detached; stop with `rstar down`")
+            return 0
+        print("Ctrl-C stops them all")
+        try:
+            while all(p.poll() is None for p in procs.values()):
+                time.sleep(1)
+            dead = [f"{n} (code {p.returncode})" for n, p in procs.items() if p.poll() is not None]
+            _eprint(f"error: {', '.join(dead)} exited; stopping the others")
+            return 1
+        except (KeyboardInterrupt, stack.Terminated):
+            _eprint("stopping...")
+            return 0
+        finally:
+            stop_services(procs)
 
 
 def cmd_down(args) -> int:
-    state_file = _run_dir() / "services.json"
-    if not state_file.exists():
-        _eprint("no detached services recorded")
-        return 0
-    pids = json.loads(state_file.read_text()).get("pids", {})
-    for name, pid in pids.items():
-        if _pid_alive(pid):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 20
-    while any(_pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids.values():
-        if _pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-    state_file.unlink()
-    print("stopped")
+    """Stop every live service recorded under $RSTAR_HOME/run: detached stacks, foreground
+    stacks whose `rstar up` is still running (or was killed), services started by hand with
+    RSTAR_RUN_DIR set. Each pid is checked to still be that service before it is signalled."""
+    stopped, stale = stack.stop_recorded(grace=args.grace)
+    if not stopped:
+        print("no services recorded" if not stale else
+              f"no services running (removed {stale} stale record{'s' if stale != 1 else ''})")
     return 0
 
 
@@ -297,110 +178,29 @@ def cmd_status(args) -> int:
 # ---------------------------------------------------------------- solve
 
 
-def _solve_request(args):
-    from rstar.v1 import search_pb2
-
-    strategy = {"top-ppm": search_pb2.TOP_PPM, "majority": search_pb2.MAJORITY_VOTE,
-                "weighted": search_pb2.PPM_WEIGHTED_VOTE}[args.strategy]
-    fields = dict(rollouts=args.rollouts or 0, candidates_per_expansion=args.k, max_depth=args.max_depth,
-                  max_tokens=args.max_tokens, max_wall_seconds=args.max_seconds, trajectories=args.trajectories)
-    budget = None
-    if any(fields.values()):  # no budget flag: the service's default budget
-        if not fields["rollouts"]:
-            fields["rollouts"] = DEFAULT_ROLLOUTS
-        budget = search_pb2.Budget(**fields)
-    return search_pb2.SolveRequest(problem=args.problem, budget=budget, seed=args.seed, strategy=strategy,
-                                   temperature=args.temperature)
-
-
-def format_response(resp) -> str:
-    lines = [f"answer: {resp.answer or '(none found)'}"]
-    t = resp.trajectory
-    lines.append(f"trajectory (final PPM score {t.final_score:+.3f}, {len(t.steps)} steps):")
-    for s in t.steps:
-        flag = f"  [{s.failure}]" if s.failure else ""
-        lines.append(f"  -- step {s.index + 1}  Q={s.q:+.3f}  N={s.visits}  ppm={s.ppm_score:+.3f}{flag}")
-        for ln in s.text.strip("\n").splitlines():
-            lines.append(f"     {ln}")
-        if s.output.strip():
-            lines.append("     => output: " + s.output.strip().replace("\n", "\n                "))
-    if resp.alternatives:
-        lines.append("alternatives:")
-        for a in resp.alternatives:
-            lines.append(f"  {a.answer!s:20s} votes={a.votes}  best={a.best_score:+.3f}  weighted={a.weighted_score:+.3f}")
-    st = resp.stats
-    tm = st.times
-    lines.append(
-        f"stats: {st.rollouts} rollouts, {st.trees} tree(s), {st.nodes} nodes, {st.generated_tokens} tokens, "
-        f"{st.executions} executions, stop: {st.stop_reason or '-'}"
-    )
-    lines.append(
-        f"time: total {tm.total_seconds:.1f} s = generate {tm.generate_seconds:.1f} + ppm {tm.ppm_seconds:.1f} "
-        f"+ sandbox {tm.sandbox_seconds:.1f} + other {tm.other_seconds:.1f}"
-    )
-    lines.append("models: " + ", ".join(f"{m.name}={m.version}" for m in resp.model_versions))
-    return "\n".join(lines)
-
-
 def cmd_solve(args) -> int:
-    import grpc
-    from google.protobuf import json_format
+    # the solve itself (SearchClient, progress, the readable report, --json) is in rstar_cli/solve.py
+    from rstar_cli import solve
 
-    from rstar.v1 import search_pb2_grpc
-
-    if not args.problem.strip():
-        _eprint("error: the problem is empty")
-        return 2
-    address = _addresses(args)["search"]
-    request = _solve_request(args)
-    result = None
-    start = time.monotonic()
-    show_progress = not args.quiet and sys.stderr.isatty() or args.progress
-    try:
-        with grpc.insecure_channel(address) as ch:
-            stub = search_pb2_grpc.SearchServiceStub(ch)
-            for event in stub.SolveStream(request, timeout=args.timeout, wait_for_ready=args.wait):
-                if event.HasField("progress") and not args.quiet:
-                    p = event.progress
-                    msg = (f"rollout {p.rollouts_done}/{p.rollouts_total}  best {p.best_answer or '-'} "
-                           f"({p.best_score:+.2f})  tokens {p.generated_tokens}  exec {p.executions}  "
-                           f"{time.monotonic() - start:5.1f} s")
-                    if show_progress:
-                        _eprint("\r" + msg.ljust(100), end="")
-                    else:
-                        _eprint(msg)
-                elif event.HasField("result"):
-                    result = event.result
-    except grpc.RpcError as e:
-        if show_progress:
-            _eprint()
-        _eprint(f"error: {e.code().name}: {e.details()}")
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            _eprint(f"(is the search service running at {address}? start it with `rstar up`)")
-        return 1
-    except KeyboardInterrupt:
-        _eprint("\ncancelled")
-        return 130
-    if show_progress:
-        _eprint()
-    if result is None:
-        _eprint("error: the stream ended without a result")
-        return 1
-    if args.json:
-        print(json_format.MessageToJson(result, preserving_proto_field_name=True))
-    else:
-        print(format_response(result))
-        print(f"wall time: {time.monotonic() - start:.1f} s")
-    return 0
+    return solve.cmd_solve(args, _addresses(args)["search"], default_rollouts=DEFAULT_ROLLOUTS)
 
 
 def cmd_demo(args) -> int:
+    with stack.signals_raise():  # SIGTERM/SIGHUP stop the services like Ctrl-C
+        try:
+            return _demo(args)
+        except stack.Terminated:
+            _eprint("terminated")
+            return 143
+
+
+def _demo(args) -> int:
     eps = endpoints(args.host, args.base_port)
     if not _check_ports(eps):
         return 1
     _eprint("rstar demo: starting the four services on loopback (first start downloads and converts the default model, ~4 min)...")
     procs = start_services(eps, store_url=None if args.no_registry else default_store_url(),
-                           service_args=_model_args(args))
+                           service_args=_model_args(args), follow=not args.keep)
     try:
         wait_healthy(eps, procs, timeout=args.timeout)
         _print_endpoints(eps)
@@ -428,8 +228,7 @@ def cmd_demo(args) -> int:
         if not args.keep:
             stop_services(procs)
         else:
-            _run_dir().mkdir(parents=True, exist_ok=True)
-            (_run_dir() / "services.json").write_text(json.dumps({"pids": {n: p.pid for n, p in procs.items()}}))
+            stack.write_state(procs, eps)
 
 
 def cmd_serve(args) -> int:
@@ -498,14 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the four services locally and wait until they are healthy")
     _add_address_args(p)
-    p.add_argument("--detach", action="store_true", help="leave them running in the background (stop: rstar down)")
+    p.add_argument("--detach", action="store_true", help="leave them running in the background (stop: rstar down); "
+                   "without it the services end when `rstar up` ends, however it ends")
+    p.add_argument("--only", default="", metavar="NAMES",
+                   help="start only these services, comma-separated (e.g. sandbox,search); default: all four")
     p.add_argument("--no-registry", action="store_true",
                    help="serve the model directories directly instead of the registry's promoted versions")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
     _add_model_arg(p)
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="stop services started with `rstar up --detach`")
+    p = sub.add_parser("down", help="stop every recorded local service (`rstar up`, detached or not)")
+    p.add_argument("--grace", type=float, default=20.0, help="seconds to drain before SIGKILL")
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("status", help="health and model versions of each service")

@@ -37,7 +37,8 @@ def create_server(config: SandboxConfig, core: Sandbox | None = None) -> Service
 
     # each Execute thread mostly waits; allow the queue to be reached by many callers
     handle = create_grpc_server("sandbox", register, config.host, config.port,
-                                max_workers=max(16, 4 * config.max_concurrent))
+                                max_workers=max(16, 4 * config.max_concurrent),
+                                reflection=config.reflection)
     previous = sandbox.on_ready_change
 
     def on_ready_change(ready: bool) -> None:
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                    description="SandboxService: runs untrusted Python programs, isolated and limited")
     setup_logging(config.log_level)
     if config.metrics_port >= 0:
-        metrics.start_metrics_server(config.metrics_port)
+        metrics.start_metrics_server(config.metrics_port, config.metrics_host)
     try:
         serve(create_server(config))
     except SandboxError as e:

@@ -19,6 +19,8 @@ class SearchConfig:
     host: str = field("127.0.0.1", "address to bind the gRPC server to")
     port: int = field(SERVICES["search"].port, "gRPC port (0 picks a free one)")
     metrics_port: int = field(SERVICES["search"].metrics_port, "Prometheus /metrics HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = field("127.0.0.1", "address the /metrics HTTP server binds (0.0.0.0 in a pod, so Prometheus can scrape it)")
+    reflection: bool = field(True, "serve gRPC server reflection (grpcurl, grpcui); off: reflection calls get UNIMPLEMENTED")
     log_level: str = field("INFO", "logging level")
     max_workers: int = field(32, "gRPC handler threads")
     # --- downstream services ---

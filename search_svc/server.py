@@ -117,7 +117,8 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
         search_pb2_grpc.add_SearchServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers)
+    handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers,
+                                reflection=config.reflection)
     watched = [c for c in (core.policy, core.scorer, core.executor) if c is not None and hasattr(c, "info")]
     monitor = DownstreamMonitor(watched, handle, config.health_poll_s)
     servicer.info = monitor.info
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
                    description="SearchService: MCTS over the policy, PPM and sandbox services")
     setup_logging(config.log_level)
     if config.metrics_port >= 0:
-        metrics.start_metrics_server(config.metrics_port)
+        metrics.start_metrics_server(config.metrics_port, config.metrics_host)
     service = create_server(config)
     log.info("search: policy=%s ppm=%s sandbox=%s, default budget %d rollouts x k=%d, depth %d",
              config.policy_address, config.ppm_address, config.sandbox_address, config.rollouts,

@@ -350,3 +350,60 @@ def test_hot_reload_under_load(services, tiny_format_model_dir, tmp_path):
         switches = sum(1 for a, b in zip(versions, versions[1:]) if a != b)
         assert switches == 1 and versions[-1] == new and f"{name}-broken" not in versions, (name, set(versions))
     assert metric("policy", "ok") >= 1 and metric("ppm", "ok") >= 1
+
+
+def test_search_client_against_the_real_services(services):
+    """`rstar.client.SearchClient` on the tiny model: solve, stream (in order, the last event is the
+    result), a deadline, a cancelled stream the service stops, and UNAVAILABLE retried until a
+    search service started after the call comes up."""
+    import subprocess
+    import sys
+    import threading
+
+    from rstar.client import DeadlineExceeded, SearchClient, SolveDone, SolveProgress
+
+    eps, _, _ = services
+    small = dict(rollouts=2, candidates=2, max_depth=4, seed=3)
+    with SearchClient(eps["search"].address, timeout=300) as client:
+        result = client.solve(QUESTION, **small)
+        assert result.trajectory and result.stats.rollouts >= 1 and {"policy", "ppm"} <= set(result.model_versions)
+        assert any(s.output.strip() for s in result.trajectory)       # the tiny model's code ran
+        *progress, done = list(client.solve_stream(QUESTION, **small))
+        assert progress and all(isinstance(e, SolveProgress) for e in progress) and isinstance(done, SolveDone)
+        counts = [p.rollouts_done for p in progress]
+        assert counts == sorted(counts) and done.result.stats.rollouts == counts[-1]
+        assert [s.text for s in done.result.trajectory] == [s.text for s in result.trajectory]   # seeded
+        with pytest.raises(DeadlineExceeded):
+            client.solve(QUESTION, rollouts=50, candidates=4, deadline=1.0)
+        stream = client.solve_stream(QUESTION, rollouts=50, candidates=4)
+        assert isinstance(next(stream), SolveProgress)
+        stream.cancel()
+
+        def in_flight() -> float:
+            body = urllib.request.urlopen(eps["search"].metrics_url, timeout=10).read().decode()
+            return sum(float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+                       if ln.startswith("rstar_rpc_in_flight{") and 'method="SolveStream"' in ln)
+
+        end = time.monotonic() + 30
+        while in_flight() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert in_flight() == 0                                        # the service stopped the search
+    port = free_port()
+    with SearchClient(f"127.0.0.1:{port}", timeout=300, retries=1000, retry_budget_s=120, max_backoff=1) as late:
+        proc = None
+
+        def start_search():
+            nonlocal proc
+            proc = subprocess.Popen([sys.executable, "-m", "search_svc", "--port", str(port), "--metrics-port", "-1",
+                                     "--policy-address", eps["policy"].address, "--ppm-address", eps["ppm"].address,
+                                     "--sandbox-address", eps["sandbox"].address, "--max-step-tokens", "48"])
+
+        timer = threading.Timer(1.0, start_search)   # the call starts first; the service comes up later
+        timer.start()
+        try:
+            assert late.solve(QUESTION, rollouts=1, candidates=1, max_depth=2).stats.rollouts == 1
+        finally:
+            timer.join()
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)

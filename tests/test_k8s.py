@@ -30,6 +30,9 @@ K8S_VERSIONS = ("1.33.0", "1.37.0")
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 SERVICES = {"policy": (50051, 9101), "ppm": (50052, 9102), "sandbox": (50053, 9103), "search": (50054, 9104)}
 ENGINE = ("policy", "ppm")
+# one object-store credential per role (issue 16): the sandbox has none
+ROLE_SECRETS = {"models": "rstar-s3-models", "search": "rstar-s3-search", "trainer": "rstar-s3-trainer"}
+SERVICE_ROLE = {"policy": "models", "ppm": "models", "search": "search", "sandbox": None}
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate missing: run scripts/ensure_tools.sh")
@@ -105,7 +108,8 @@ def test_overlays_render_expected_objects(overlay):
     assert ("NetworkPolicy", "sandbox-isolation") in kinds
     assert ("ConfigMap", "rstar-prometheus-rules") in kinds
     if overlay == "cpu-dev":
-        assert ("StatefulSet", "minio") in kinds and ("Secret", "rstar-s3") in kinds
+        assert ("StatefulSet", "minio") in kinds
+        assert {("Secret", n) for n in ("rstar-minio-root", *ROLE_SECRETS.values())} <= kinds
     else:
         assert ("StatefulSet", "minio") not in kinds
         assert {("ServiceMonitor", "rstar-services"), ("PodMonitor", "rstar-evolution-controller"),
@@ -382,7 +386,7 @@ def test_cronjob_runs_the_controller(overlay):
     (c,) = job["template"]["spec"]["containers"]
     assert c["command"] == ["python", "-m", "trainer.controller", "--round", "auto"]
     refs = [e.get("configMapRef", e.get("secretRef"))["name"] for e in c["envFrom"]]
-    assert refs == ["rstar-config", "rstar-evolution", "rstar-s3"]
+    assert refs == ["rstar-config", "rstar-evolution", ROLE_SECRETS["trainer"]]
     assert job["backoffLimit"] >= 1  # a crashed controller pod is replaced and resumes the round
     evo = _config_data(overlay, "rstar-evolution")
     assert job["activeDeadlineSeconds"] > int(evo["RSTAR_EVOLUTION_ROUND_DEADLINE_SECONDS"])
@@ -407,7 +411,7 @@ def test_controller_config_matches_overlay_and_builds_valid_jobs(overlay):
     assert cfg.image == engine  # stage Jobs load models
     cj = one(overlay, "CronJob", "rstar-evolution")
     assert cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"] == slim
-    assert cfg.env_configmap == "rstar-config" and cfg.env_secret == "rstar-s3"
+    assert cfg.env_configmap == "rstar-config" and cfg.env_secret == ROLE_SECRETS["trainer"]  # stage Jobs
     assert (cfg.gpus_per_job > 0) is (overlay == "gpu-prod")
     ns = one(overlay, "Role", "rstar-evolution")["metadata"]["namespace"]
     for task in ctl.round_tasks(cfg):
@@ -461,10 +465,13 @@ def test_config_keys_are_real_fields_with_valid_values(overlay):
             build(cls, prefix, env=env_s3)
         else:
             build(cls, prefix, env=env)  # every value converts and validates
-    # services listen on all interfaces in a pod; search reaches the others by Service name
+    # services listen on all interfaces in a pod (gRPC and /metrics: their defaults are loopback, for
+    # local runs, so the manifests say it explicitly); search reaches the others by Service name
     for svc in SERVICES:
         if svc.upper() in classes:
             assert env[f"RSTAR_{svc.upper()}_HOST"] == "0.0.0.0"
+            assert env[f"RSTAR_{svc.upper()}_METRICS_HOST"] == "0.0.0.0", "Prometheus scrapes the pod IP"
+            assert build(classes[svc.upper()], svc.upper(), env={}).metrics_host == "127.0.0.1"
     for dep, (port, _m) in SERVICES.items():
         if dep != "search":
             assert env[f"RSTAR_SEARCH_{dep.upper()}_ADDRESS"] == f"{dep}:{port}"
@@ -474,22 +481,86 @@ def test_config_keys_are_real_fields_with_valid_values(overlay):
             assert not re.search(r"(SECRET_KEY|PASSWORD|ACCESS_KEY|TOKEN)$", k), f"{cm['metadata']['name']}: {k}"
 
 
-def test_credentials_come_from_a_secret(overlay):
+def _secret_refs(pod: dict) -> set[str]:
+    """Every Secret a pod can read: envFrom, env valueFrom, volumes."""
+    out = set()
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        out |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+        out |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+    out |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    return out
+
+
+def test_credentials_come_from_a_secret_per_role(overlay):
     secrets = objs(overlay, "Secret")
     if overlay == "gpu-prod":
-        assert secrets == [], "production credentials must not be committed (create rstar-s3 by hand)"
+        assert secrets == [], "production credentials must not be committed (create rstar-s3-<role> by hand)"
     else:
-        (s,) = secrets
-        assert s["metadata"]["name"] == "rstar-s3"
-        assert set(s["data"]) == {"RSTAR_S3_ACCESS_KEY", "RSTAR_S3_SECRET_KEY"}
+        by_name = {s["metadata"]["name"]: s for s in secrets}
+        assert set(by_name) == {"rstar-minio-root", *ROLE_SECRETS.values()}
+        for name in ROLE_SECRETS.values():
+            assert set(by_name[name]["data"]) == {"RSTAR_S3_ACCESS_KEY", "RSTAR_S3_SECRET_KEY"}
+        keys = [by_name[n]["data"]["RSTAR_S3_ACCESS_KEY"] for n in (*ROLE_SECRETS.values(), "rstar-minio-root")
+                if "RSTAR_S3_ACCESS_KEY" in by_name[n]["data"]]
+        assert len(set(keys)) == len(ROLE_SECRETS), "every role is its own MinIO user"
         minio = one(overlay, "StatefulSet", "minio")
-        env = {e["name"]: e for e in minio["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rstar-s3",
-                                                                           "key": "RSTAR_S3_SECRET_KEY"}
+        containers = {c["name"]: c for c in minio["spec"]["template"]["spec"]["containers"]}
+        env = {e["name"]: e for e in containers["minio"]["env"]}
+        assert env["MINIO_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rstar-minio-root",
+                                                                           "key": "MINIO_ROOT_PASSWORD"}
+        # the `users` container creates each role's user from its Secret, with its policy
+        users_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in containers["users"]["env"]
+                     if "valueFrom" in e}
+        for role, name in ROLE_SECRETS.items():
+            assert users_env[f"{role.upper()}_ACCESS_KEY"] == {"name": name, "key": "RSTAR_S3_ACCESS_KEY"}
+            assert users_env[f"{role.upper()}_SECRET_KEY"] == {"name": name, "key": "RSTAR_S3_SECRET_KEY"}
         assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
         assert _config_data(overlay, "rstar-config")["RSTAR_S3_ENDPOINT"] == "http://minio:9000"
-    for svc in SERVICES:
-        assert {"secretRef": {"name": "rstar-s3"}} in container_of(overlay, svc)["envFrom"]
+        policies = _config_data(overlay, "rstar-minio-users")
+        script = policies["setup-users.sh"]
+        for role in ROLE_SECRETS:
+            assert f"provision {role} " in script and f"{role}.json" in policies
+        _check_role_policies({r: json.loads(policies[f"{r}.json"]) for r in ROLE_SECRETS})
+        # only MinIO's own pod sees the root credentials
+        for what, _meta, pod in pod_templates(overlay):
+            if what != "StatefulSet/minio":
+                assert "rstar-minio-root" not in _secret_refs(pod), what
+    for svc, role in SERVICE_ROLE.items():
+        pod = one(overlay, "Deployment", svc)["spec"]["template"]["spec"]
+        assert _secret_refs(pod) == ({ROLE_SECRETS[role]} if role else set()), svc
+    cj = one(overlay, "CronJob", "rstar-evolution")
+    assert _secret_refs(cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]) == {ROLE_SECRETS["trainer"]}
+    assert _config_data(overlay, "rstar-evolution")["RSTAR_EVOLUTION_ENV_SECRET"] == ROLE_SECRETS["trainer"]
+
+
+def _check_role_policies(policies: dict[str, dict]) -> None:
+    """What each MinIO user may do: models read models/ and write only the base versions, search only
+    trajectories/, the trainer the bucket; nobody gets admin or bucket-level writes."""
+    def grants(policy: dict) -> list[tuple[str, str]]:
+        out = []
+        for st in policy["Statement"]:
+            assert st["Effect"] == "Allow" and "Condition" not in st
+            for action in st["Action"]:
+                for res in st["Resource"]:
+                    out.append((action, res))
+        return out
+
+    writes = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+    bucket_level = {"s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"}
+    for role, policy in policies.items():
+        for action, res in grants(policy):
+            assert action.startswith("s3:") and "*" not in action, (role, action)
+            assert res.startswith("arn:aws:s3:::rstar"), (role, res)
+            if res == "arn:aws:s3:::rstar":
+                assert action in bucket_level, (role, action)
+    write_prefixes = {role: {res for a, res in grants(p) if a in writes} for role, p in policies.items()}
+    assert write_prefixes["models"] == {"arn:aws:s3:::rstar/models/policy/*", "arn:aws:s3:::rstar/models/ppm/*"}
+    assert write_prefixes["search"] == {"arn:aws:s3:::rstar/trajectories/*"}
+    assert write_prefixes["trainer"] == {"arn:aws:s3:::rstar/*"}
+    reads = {role: {res for a, res in grants(p) if a == "s3:GetObject"} for role, p in policies.items()}
+    assert reads["models"] == {"arn:aws:s3:::rstar/models/*"}
+    assert reads["search"] == {"arn:aws:s3:::rstar/trajectories/*"}
 
 
 # --------------------------------------------------------------------------- monitoring objects

@@ -17,6 +17,8 @@ class SandboxConfig:
     host: str = field("127.0.0.1", "address to bind")
     port: int = field(SERVICES["sandbox"].port, "gRPC port (0 = any free port)")
     metrics_port: int = field(SERVICES["sandbox"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
+    metrics_host: str = field("127.0.0.1", "address the /metrics HTTP server binds (0.0.0.0 in a pod, so Prometheus can scrape it)")
+    reflection: bool = field(True, "serve gRPC server reflection (grpcurl, grpcui); off: reflection calls get UNIMPLEMENTED")
     pool_size: int = field(2, "warm workers kept forked and isolated ahead of demand")
     max_concurrent: int = field(2, "programs running at once (about one per core)")
     max_queue: int = field(1024, "programs waiting for a worker at most; beyond it Execute gets RESOURCE_EXHAUSTED")
