@@ -142,8 +142,21 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
         args += (service_args or {}).get(name, [])
         with open(log_dir / f"{name}.log", "ab") as log:
             procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=env, start_new_session=True)
+                                           env=sandbox_env(env) if name == "sandbox" else env,
+                                           start_new_session=True)
     return procs
+
+
+# what the sandbox service may see of the user's environment: it runs untrusted programs, so
+# no credentials (S3 keys, tokens, cloud variables) reach it, only what Python and the stack need
+_SANDBOX_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONUNBUFFERED",
+                     "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "RSTAR_HOME", RUN_DIR_ENV,
+                     PARENT_PID_ENV)
+
+
+def sandbox_env(env: dict[str, str]) -> dict[str, str]:
+    """The sandbox service's environment: the allowed names above plus its own RSTAR_SANDBOX_* settings."""
+    return {k: v for k, v in env.items() if k in _SANDBOX_ENV_KEEP or k.startswith("RSTAR_SANDBOX_")}
 
 
 def busy_ports(eps: dict[str, Endpoint]) -> list[str]:

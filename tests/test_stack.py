@@ -417,3 +417,22 @@ def test_reflection_is_switchable(enabled):
             assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         service.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_sandbox_gets_no_credentials_from_rstar_up(up):
+    """`rstar up` hands the sandbox service a clean environment: no S3 keys, no tokens."""
+    u = up(only="sandbox,search", env={"RSTAR_S3_SECRET_KEY": "s3-secret-xyz", "AWS_SECRET_ACCESS_KEY": "aws-xyz",
+                                       "RSTAR_SANDBOX_POOL_SIZE": "2"})
+    u.wait_started()
+    sandbox_env = open(f"/proc/{u.pids['sandbox']}/environ", "rb").read().split(b"\0")
+    search_env = open(f"/proc/{u.pids['search']}/environ", "rb").read().split(b"\0")
+    assert not any(b"xyz" in kv for kv in sandbox_env)
+    assert b"RSTAR_SANDBOX_POOL_SIZE=2" in sandbox_env           # its own settings still reach it
+    assert b"RSTAR_S3_SECRET_KEY=s3-secret-xyz" in search_env    # the search service keeps the store's
+
+
+def test_sandbox_env_keeps_only_what_it_needs():
+    env = {"PATH": "/bin", "RSTAR_SANDBOX_WALL_SECONDS": "3", "RSTAR_S3_ACCESS_KEY": "k", "GITHUB_TOKEN": "t",
+           "HOME": "/root", "OPENAI_API_KEY": "o"}
+    assert stack.sandbox_env(env) == {"PATH": "/bin", "RSTAR_SANDBOX_WALL_SECONDS": "3", "HOME": "/root"}
