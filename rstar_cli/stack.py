@@ -266,6 +266,9 @@ def signals_raise(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) ->
             raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in signums}
+    # Ctrl-C must stop the stack even when this process started with SIGINT ignored (a shell's
+    # background job, nohup, some supervisors): Python then installs no KeyboardInterrupt handler
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

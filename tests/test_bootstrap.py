@@ -148,6 +148,9 @@ class _Teacher(BaseHTTPRequestHandler):
 def teacher_server():
     _Teacher.requests, _Teacher.fail_first, _Teacher.delay = [], 0, 0.0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+    # a handler still sleeping when its client gave up (the timeout test) must not print its broken
+    # pipe into a later test's captured stderr
+    srv.handle_error = lambda request, client_address: None
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"

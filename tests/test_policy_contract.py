@@ -98,6 +98,7 @@ def completions_server():
     def start(drop_stops: bool) -> str:
         if drop_stops not in servers:
             srv = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
+            srv.handle_error = lambda request, client_address: None   # no late tracebacks in other tests' stderr
             srv.requests, srv.drop_stops = [], drop_stops
             threading.Thread(target=srv.serve_forever, daemon=True).start()
             servers[drop_stops] = srv
