@@ -117,7 +117,7 @@ def test_a_converted_model_says_how_it_is_prompted(tiny):
     model, _ = tiny
     path = models.ensure_model(model.name)
     assert prompt_style(path) == "chatml" and model_few_shot(path, False) is True
-    assert models.QWEN.prompt_style == "chatml" and models.SMOLLM2.prompt_style == "rstar"
+    assert models.QWEN.prompt_style == "rstar" and models.SMOLLM2.prompt_style == "rstar"
 
 
 def test_concurrent_first_uses_convert_once(tiny):
