@@ -16,9 +16,9 @@ from __future__ import annotations
 import grpc
 
 from rstar import steps
-from rstar.protocols import Cancelled, DeadlineExceeded, GenerationItem, SamplingParams
-from rstar.reload import ModelSlot, SlotUnavailable
-from rstar.server import ServiceError, call_scope, invalid, unavailable
+from rstar.protocols import GenerationItem, SamplingParams
+from rstar.reload import ModelSlot, call_model
+from rstar.server import ServiceError, invalid
 from rstar.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 from policy_svc.config import PolicyConfig
@@ -65,20 +65,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def Generate(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext):
         items, params = self.parse(request)
-        scope = call_scope(context)
-        wait = self.slot.acquire_timeout_s
-        if scope.remaining() is not None:
-            wait = max(0.0, min(wait, scope.remaining()))
-        try:
-            with self.slot.acquire(timeout=wait) as held:
-                result = held.model.generate(items, params, scope=scope)
-                version = getattr(result, "model_version", "") or held.version
-        except SlotUnavailable as e:
-            raise unavailable(f"policy model is loading ({e})") from None
-        except DeadlineExceeded:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired while generating") from None
-        except Cancelled:
-            raise ServiceError(grpc.StatusCode.CANCELLED, "generation cancelled") from None
+        result, version = call_model(self.slot, context, lambda model, scope: model.generate(items, params, scope=scope),
+                                     "policy", "generating")
         if len(result) != len(items):
             raise ServiceError(grpc.StatusCode.INTERNAL, f"the policy answered {len(result)} of {len(items)} items")
         prompt_tokens = list(getattr(result, "prompt_tokens", []) or [])

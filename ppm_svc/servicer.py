@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import grpc
 
-from rstar.protocols import Cancelled, DeadlineExceeded
-from rstar.reload import ModelSlot, SlotUnavailable
-from rstar.server import ServiceError, call_scope, invalid, unavailable
+from rstar.reload import ModelSlot, call_model
+from rstar.server import ServiceError, invalid
 from rstar.v1 import common_pb2, ppm_pb2, ppm_pb2_grpc
 
 from ppm_svc.config import PPMConfig
@@ -47,20 +46,8 @@ class PPMServicer(ppm_pb2_grpc.PPMServiceServicer):
 
     def Score(self, request: ppm_pb2.ScoreRequest, context):
         prefixes = self.parse(request)
-        scope = call_scope(context)
-        wait = self.slot.acquire_timeout_s
-        if scope.remaining() is not None:
-            wait = max(0.0, min(wait, scope.remaining()))
-        try:
-            with self.slot.acquire(timeout=wait) as held:
-                scores = held.model.score(prefixes, scope=scope)
-                version = getattr(scores, "model_version", "") or held.version
-        except SlotUnavailable as e:
-            raise unavailable(f"PPM model is loading ({e})") from None
-        except DeadlineExceeded:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired while scoring") from None
-        except Cancelled:
-            raise ServiceError(grpc.StatusCode.CANCELLED, "scoring cancelled") from None
+        scores, version = call_model(self.slot, context, lambda model, scope: model.score(prefixes, scope=scope),
+                                     "PPM", "scoring")
         if len(scores) != len(prefixes):
             raise ServiceError(grpc.StatusCode.INTERNAL, f"the scorer answered {len(scores)} of {len(prefixes)}")
         return ppm_pb2.ScoreResponse(scores=[float(s) for s in scores], model_version=version)

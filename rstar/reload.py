@@ -385,3 +385,32 @@ def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object
         slot.swap(core, config.model_version or getattr(core, "version", "") or "injected")
     return Service(handle, servicer, load_step=None if core is not None else load_step, release=release,
                    core_of=lambda: slot.current.model if slot.current is not None else None)
+
+
+def call_model(slot: ModelSlot, context, call: Callable[[Any, Any], Any], what: str, doing: str) -> tuple[Any, str]:
+    """Run `call(model, scope)` on the slot's served model for one RPC; returns (result, version).
+
+    Shared by the model servicers (policy, PPM): waits for the slot at most until the RPC's
+    deadline, and maps the outcomes to status codes — no model yet → UNAVAILABLE, the deadline
+    → DEADLINE_EXCEEDED, the caller gone → CANCELLED. `what` names the model ("policy"),
+    `doing` the work ("generating") in the messages.
+    """
+    import grpc
+
+    from rstar.protocols import Cancelled, DeadlineExceeded
+    from rstar.server import ServiceError, call_scope, unavailable
+
+    scope = call_scope(context)
+    wait = slot.acquire_timeout_s
+    if scope.remaining() is not None:
+        wait = max(0.0, min(wait, scope.remaining()))
+    try:
+        with slot.acquire(timeout=wait) as held:
+            result = call(held.model, scope)
+            return result, getattr(result, "model_version", "") or held.version
+    except SlotUnavailable as e:
+        raise unavailable(f"{what} model is loading ({e})") from None
+    except DeadlineExceeded:
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline expired while {doing}") from None
+    except Cancelled:
+        raise ServiceError(grpc.StatusCode.CANCELLED, f"cancelled while {doing}") from None
