@@ -199,3 +199,18 @@ def test_bootstrap_methods_are_validated(setup):
     for bad in ("policy+teacher", "reference+reference", "magic", "reference+"):
         with pytest.raises(ConfigError):
             dataclasses.replace(setup, bootstrap=bad).validate()
+
+
+def test_pool_offset_and_exclude_files(setup, tmp_path):
+    """A later round takes a fresh slice (--pool-offset); --exclude leaves out a second dev set's ids."""
+    import dataclasses
+
+    from rstar.config import ConfigError
+
+    other_dev = _write(tmp_path / "other_dev.jsonl", [{"id": "p1", "problem": "x", "answer": "1"}])
+    cfg = dataclasses.replace(setup, pool_limit=2, exclude=str(other_dev))
+    assert [p["id"] for p in evolve.Context(cfg).pool_problems()] == ["p0", "p2"]
+    cfg = dataclasses.replace(cfg, pool_offset=2)
+    assert [p["id"] for p in evolve.Context(cfg).pool_problems()] == ["p3"]   # dev0 is always left out
+    with pytest.raises(ConfigError):
+        dataclasses.replace(cfg, pool_offset=-1).validate()

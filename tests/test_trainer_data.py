@@ -144,3 +144,12 @@ def test_load_problems_excludes_ids_and_checks_fields(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "question": "x"}\n')
     with pytest.raises(ValueError, match="lacks"):
         data.load_problems(tmp_path / "bad.jsonl")
+
+
+def test_load_problems_offset_gives_disjoint_slices_after_exclusion(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(f'{{"id": "p{i}", "problem": "q{i}", "answer": {i}}}\n' for i in range(7)))
+    first = [r["id"] for r in data.load_problems(f, limit=3, exclude_ids=["p1"])]
+    second = [r["id"] for r in data.load_problems(f, limit=3, exclude_ids=["p1"], offset=3)]
+    assert first == ["p0", "p2", "p3"] and second == ["p4", "p5", "p6"]
+    assert data.load_problems(f, offset=10) == []

@@ -60,8 +60,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_problems(path: str | Path, limit: int = 0, exclude_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Problems from a pool/dev file: rows with `id`, `problem`, `answer` (extra fields kept)."""
+def load_problems(path: str | Path, limit: int = 0, exclude_ids: Iterable[str] = (),
+                  offset: int = 0) -> list[dict[str, Any]]:
+    """Problems from a pool/dev file: rows with `id`, `problem`, `answer` (extra fields kept).
+
+    `exclude_ids` are dropped first; then the first `offset` remaining rows are skipped and at most
+    `limit` are returned, so consecutive offsets give disjoint slices of the same file."""
     rows = read_jsonl(path)
     excluded = set(exclude_ids)
     out = []
@@ -71,6 +75,9 @@ def load_problems(path: str | Path, limit: int = 0, exclude_ids: Iterable[str] =
         r.setdefault("id", f"{Path(path).stem}/{i}")
         r["answer"] = str(r["answer"])
         if r["id"] in excluded:
+            continue
+        if offset > 0:
+            offset -= 1
             continue
         out.append(r)
         if limit and len(out) >= limit:

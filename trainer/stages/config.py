@@ -16,6 +16,9 @@ class EvolveConfig:
     pool: str = field("", "problem pool JSONL (id, problem, answer[, solution]) for synthesis; several files "
                       "comma-separated (e.g. gsm8k_train.jsonl,math_train.jsonl)")
     pool_limit: int = field(0, "use the first N problems of each pool file (0 = all)")
+    pool_offset: int = field(0, "skip the first N problems of each pool file (a fresh slice for a later round)")
+    exclude: str = field("", "JSONL files whose ids are left out of the pool (comma-separated; the dev set "
+                         "is always left out), e.g. math_dev100.jsonl")
     dev: str = field("", "dev set JSONL for the promotion gate (its ids are excluded from the pool)")
     dev_limit: int = field(0, "evaluate on the first N dev problems (0 = all)")
     base_model: str = field("default", "BASE model every round fine-tunes from ('default' = the embedded Qwen2.5-Coder-0.5B-Instruct; or an embedded model's name, or a directory)")
@@ -75,6 +78,8 @@ class EvolveConfig:
                               f"got {self.bootstrap!r}")
         if self.ppm_mode not in ("full", "head"):
             raise ConfigError(f"ppm_mode must be full or head, got {self.ppm_mode!r}")
+        if self.pool_limit < 0 or self.pool_offset < 0:
+            raise ConfigError("pool_limit and pool_offset must be >= 0")
         if self.shards < 1 or self.chunk < 1:
             raise ConfigError("shards and chunk must be >= 1")
         try:

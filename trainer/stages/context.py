@@ -47,11 +47,13 @@ class Context:
     def pool_problems(self) -> list[dict[str, Any]]:
         if not self.cfg.pool:
             raise StageError("no problem pool: pass --pool FILE.jsonl (env RSTAR_EVOLVE_POOL)")
-        dev_ids = [p["id"] for p in data.load_problems(self.cfg.dev)] if self.cfg.dev else []
+        left_out = [self.cfg.dev] + self.cfg.exclude.split(",")
+        dev_ids = [p["id"] for f in left_out if f.strip() for p in data.load_problems(f.strip())]
         out: list[dict[str, Any]] = []
         for path in (p.strip() for p in self.cfg.pool.split(",")):
             if path:
-                out += data.load_problems(path, limit=self.cfg.pool_limit, exclude_ids=dev_ids)
+                out += data.load_problems(path, limit=self.cfg.pool_limit, exclude_ids=dev_ids,
+                                          offset=self.cfg.pool_offset)
         return out
 
     def base_model(self) -> Path:
