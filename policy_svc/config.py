@@ -16,7 +16,7 @@ class PolicyConfig:
     metrics_port: int = field(SERVICES["policy"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
     metrics_host: str = field("127.0.0.1", "address the /metrics HTTP server binds (0.0.0.0 in a pod, so Prometheus can scrape it)")
     reflection: bool = field(True, "serve gRPC server reflection (grpcurl, grpcui); off: reflection calls get UNIMPLEMENTED")
-    model: str = field("default", "HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
+    model: str = field("default", "HF model directory, 'default' (the embedded Qwen2.5-Coder-0.5B-Instruct) or an embedded model's name (e.g. smollm2-135m-instruct)")
     model_version: str = field("", "version label reported to clients (default: derived from the model)")
     store_url: str = field("", "object store with the model registry; when set, serve and hot-reload models/policy/CURRENT")
     reload_interval: float = field(30.0, "seconds between polls of the registry's CURRENT (0 = no hot reload)")
