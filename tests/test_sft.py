@@ -128,3 +128,27 @@ def test_lora_option_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_mod
     assert report["steps"] == 2 and len(report["markers_added"]) == len(stepfmt.SPECIAL_TOKENS)
     model = AutoModelForCausalLM.from_pretrained(out)            # a plain HF model: adapters merged
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.timeout(300)
+def test_lora_without_markers_publishes_the_adapter_and_its_file_level_merge(tmp_path, tiny_model_dir):
+    """LoRA + markers=none: the version holds the adapter, and its weights are exactly
+    rstar.lora.merge_into(base, adapter) (what a shipped round materialises)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from rstar import lora
+    from rstar.artifacts import read_model_info
+
+    cfg = training.TrainConfig(lr=1e-2, epochs=0, max_steps=2, batch_size=2, micro_batch=2, warmup_ratio=0,
+                               checkpoint_every=0, progress=False, lora_r=4, lora_alpha=8)
+    out = tmp_path / "lora"
+    sft.train_policy(tiny_model_dir, EXAMPLES, out, cfg, markers="none")
+    assert (out / lora.LORA_FILE).is_file() and read_model_info(out)["lora"]["r"] == 4
+    again = tmp_path / "again"
+    lora.merge_into(tiny_model_dir, out / lora.LORA_FILE, again)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    base = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    changed = [k for k in a if k.endswith("q_proj.weight") and not (a[k].float() - base[k].float()).abs().max() < 1e-3]
+    assert changed, "training moved the adapted weights"

@@ -159,15 +159,42 @@ def train_policy(base_dir: str | Path, examples: Sequence[SFTExample], out_dir: 
     report = training.train_loop(model, len(rows), cfg=cfg, dist=dist, work_dir=work_dir, fingerprint=fp,
                                  forward=forward, weight_of=lambda i: rows[i]["n_train"],
                                  tokens_of=lambda i: len(rows[i]["input_ids"]), on_step=on_step, desc="sft")
-    if cfg.lora_r > 0:
-        model = model.merge_and_unload()
+    info = {"kind": "policy", "few_shot": False, "prompt_style": style, "markers": markers, "base": str(base_dir),
+            "train": asdict(cfg), **(metadata or {})}
+    if cfg.lora_r > 0 and not added:
+        # the adapter is the artifact: the version is the base merged with it at the file level
+        # (rstar.lora.merge_into), exactly what a shipped round materialises on a fresh clone
+        if dist.main:
+            _save_lora_version(model, base_dir, out_dir, cfg, info)
+    else:
+        if cfg.lora_r > 0:
+            model = model.merge_and_unload()
+        if dist.main:  # bf16 safetensors + tokenizer + rstar_model.json, atomically
+            save_model_dir(out_dir, model, tokenizer, info)
     if dist.main:
-        save_model_dir(out_dir, model, tokenizer, {  # bf16 safetensors + tokenizer + rstar_model.json, atomically
-            "kind": "policy", "few_shot": False, "prompt_style": style, "markers": markers, "base": str(base_dir),
-            "train": asdict(cfg), **(metadata or {})})
         training.remove_checkpoint(work_dir)
     training.barrier(dist)
     report.update(examples=len(rows), dropped=dropped, tokens=tokens, trained_tokens=trained_tokens,
                   markers=markers, markers_added=added, wall_seconds=round(time.monotonic() - t0, 1))
     return report
 
+
+
+def _save_lora_version(model, base_dir: Path, out_dir: Path, cfg: training.TrainConfig, info: dict[str, Any]) -> None:
+    from peft import get_peft_model_state_dict
+
+    from rstar import lora
+    from rstar.artifacts import atomic_dir, read_model_info, write_model_info
+
+    tensors = lora.from_peft_state(get_peft_model_state_dict(model.module if hasattr(model, "module") else model))
+    base_info = read_model_info(base_dir)
+    with atomic_dir(out_dir) as tmp:
+        adapter = lora.save_adapter(Path(tmp).with_name(Path(tmp).name + ".adapter"), tensors, r=cfg.lora_r,
+                                    alpha=cfg.lora_alpha, base={"model": base_info.get("model", str(base_dir))})
+        try:
+            Path(tmp).rmdir()  # merge_into writes a new directory
+            lora.merge_into(base_dir, adapter, tmp)
+            adapter.replace(Path(tmp) / lora.LORA_FILE)
+        finally:
+            adapter.unlink(missing_ok=True)
+        write_model_info(tmp, {**info, "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "file": lora.LORA_FILE}})
