@@ -34,9 +34,10 @@ class ModelSource:
     def resolve(self) -> tuple[Path, str]:
         if self.store_url:
             return self._resolve_registry()
-        model_dir = models.resolve_model_dir(self.model)
-        version = self.version or models.base_version_of(self.model) or Path(model_dir).name
-        return model_dir, version
+        from rstar import evolved
+
+        model_dir, version = evolved.resolve(self.model, self.name)
+        return model_dir, self.version or version
 
     def registry(self):
         from rstar.registry import ModelRegistry
@@ -47,17 +48,23 @@ class ModelSource:
         return self._registry
 
     def _resolve_registry(self) -> tuple[Path, str]:
+        from rstar import evolved
         from rstar.registry import register_base_version
 
         reg = self.registry()
         current = reg.current(self.name)
+        shipped = evolved.for_spec(self.model) if models.is_embedded(self.model) else None
         if current is None and models.is_embedded(self.model):
-            # an embedded model: register its converted checkpoint as the base version and promote it
+            # an embedded model: register its converted checkpoint as the base version (promoted
+            # unless an evolved round ships with it, which is promoted instead)
             model = models.embedded(self.model)
             log.info("registering %s as %s/%s in %s", model.name, self.name, model.base_version, self.store_url)
             register_base_version(reg, self.name, models.ensure_model(model.name), model.base_version,
-                                  {"source": model.source, "model": model.name, "round": 0})
-            current = reg.current(self.name)
+                                  {"source": model.source, "model": model.name, "round": 0},
+                                  promote_if_unset=shipped is None)
+        if shipped is not None:
+            evolved.register(reg, shipped, (self.name,))
+        current = reg.current(self.name)
         if current is None:
             raise models.ModelError(
                 f"no promoted {self.name} version in {self.store_url} (see `rstar models list --store {self.store_url}`)"

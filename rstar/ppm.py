@@ -72,6 +72,19 @@ def load_value_model(model_dir: str | Path, head_seed: int = 0, dtype=torch.floa
     return model, tokenizer
 
 
+def build_ppm_dir(policy_dir: str | Path, value_head_file: str | Path, out_dir: str | Path, info: dict) -> Path:
+    """A PPM model directory from a policy backbone and a value-head file: what the trainer's
+    head-only mode writes (the backbone saved by `save_model_dir`, the head, the model info)."""
+    from safetensors.torch import load_file
+
+    from rstar.artifacts import VALUE_HEAD_PREFIX, save_model_dir
+
+    model, tok = load_value_model(policy_dir, dtype=torch.float32)
+    state = load_file(str(value_head_file))
+    model.value_head.load_state_dict({k.removeprefix(VALUE_HEAD_PREFIX): v for k, v in state.items()})
+    return save_model_dir(out_dir, model.backbone, tok, info, value_head=model.value_head)
+
+
 def render(question: str, prefix_steps: Sequence[str], style: str = "rstar") -> str:
     """The PPM's input: question + steps, without few-shot examples, in the backbone's prompt style."""
     return steps.render_prompt(question, list(prefix_steps), few_shot=False, style=style)
