@@ -155,5 +155,22 @@ def _synth_mcts(ctx: Context, round_no: int, todo, executor) -> None:
                              max_step_tokens=cfg.max_step_tokens,
                              annotation=PPM_AUGMENTED if scorer is not None else TERMINAL_GUIDED)
         out = core.synthesize([SynthesisProblem(str(p["id"]), p["problem"], str(p["answer"])) for p in probs],
-                              opts, round_no=round_no, shard=name, store_trees=True)
-        log.info("round %d %s: %d/%d solved", round_no, name, out.solved, len(probs))
+                              opts, round_no=round_no, shard=name, store_trees=True,
+                              on_progress=_progress_logger(round_no, name))
+        log.info("round %d %s: %d/%d solved, %d tokens generated, %.0f s (%.1f tok/s)", round_no, name, out.solved,
+                 len(probs), out.stats.generated_tokens, out.stats.total_seconds,
+                 out.stats.generated_tokens / max(out.stats.total_seconds, 1e-9))
+
+
+def _progress_logger(round_no: int, name: str, every_s: float = 60.0):
+    """A synthesis progress callback that logs at most once a minute (a chunk takes minutes on a CPU)."""
+    last = [time.monotonic()]
+
+    def report(p) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or p.trees_done == p.trees_total:
+            last[0] = now
+            log.info("round %d %s: rollouts %d/%d, trees %d/%d, %d tokens, %d executions, %.0f s", round_no, name,
+                     p.rollouts_done, p.rollouts_total, p.trees_done, p.trees_total, p.generated_tokens,
+                     p.executions, p.elapsed_seconds)
+    return report
