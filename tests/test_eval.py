@@ -123,3 +123,34 @@ def test_rstar_eval_cli_with_the_tiny_model(tmp_path, tiny_model_dir, capsys):
     assert report["majority"]["samples"] == 2
     assert out.with_suffix(".png").is_file()
     assert "greedy_accuracy" in capsys.readouterr().out
+
+
+class AnswerScorer:
+    """A PPM that likes trajectories ending in a given answer (and reports its version)."""
+
+    def __init__(self, liked: str):
+        self.liked, self.calls = liked, 0
+
+    def score(self, prefixes, scope=None):
+        from rstar.protocols import Versioned
+
+        self.calls += 1
+        return Versioned([0.9 if f"boxed{{{self.liked}}}" in "".join(s) else -0.5 for _, s in prefixes], "ppm-test")
+
+
+def test_ppm_best_of_n_picks_the_top_scored_final_step_on_the_majority_samples():
+    problems = [{"id": "b", "problem": Q_BAD, "answer": "8"}]
+    cfg = evaluate.EvalConfig(greedy=False, samples=8, temperature=1.0)
+    report = evaluate.evaluate(problems, policy(), InProcessExecutor(), cfg, scorer=AnswerScorer("8"))
+    answers = report["majority"]["answers"][0]
+    assert "8" in answers, "the fixed seeds give at least one right sample"
+    best = report["best_of"]
+    assert best["accuracy"] == 1.0 and best["ppm_version"] == "ppm-test"
+    # best-of-k is right exactly when a right answer is among the first k samples
+    assert best["curve"] == {k: float("8" in answers[:k]) for k in range(1, 9)}
+    assert evaluate.summary(report)["ppm_best_of@8"] == 1.0
+    # tokens per problem grow with k and the last point is the method's cost
+    tc = report["majority"]["tokens_curve"]
+    assert all(tc[k] < tc[k + 1] for k in range(1, 8)) and report["majority"]["tokens_per_problem"] == tc[8]
+    wrong = evaluate.evaluate(problems, policy(), InProcessExecutor(), cfg, scorer=AnswerScorer("7"))
+    assert wrong["best_of"]["accuracy"] == float("7" == "8")   # a PPM that likes the wrong answer picks it

@@ -54,6 +54,10 @@ def _resolve_eval_model(spec: str, store_url: str | None) -> tuple[Path, str]:
             if version is None:
                 raise SystemExit(f"error: model {name!r} has no CURRENT version in {reg.store.url}")
         return reg.fetch(name, version), f"{name}@{version}"
+    from rstar import evolved
+
+    if evolved.for_spec(spec) is not None:   # `default`: the shipped evolved round's policy
+        return evolved.resolve(spec, "policy")
     path = resolve_model_dir(spec)
     return path, base_version_of(spec) or str(path)
 
@@ -71,8 +75,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     mcts = tuple(int(x) for x in args.mcts.split(",") if x.strip()) if args.mcts else ()
     cfg = EvalConfig(greedy=not args.no_greedy, samples=args.samples, temperature=args.temperature, mcts=mcts,
-                     mcts_rollouts=args.mcts_rollouts, search_address=args.search_address or "",
+                     mcts_rollouts=args.mcts_rollouts, mcts_max_tokens=args.mcts_max_tokens,
+                     mcts_candidates=args.mcts_candidates, mcts_concurrency=args.mcts_concurrency,
+                     search_address=args.search_address or "", ppm_address=args.ppm_address or "",
                      max_tokens=args.max_tokens, max_depth=args.max_depth, seed=args.seed)
+    if cfg.ppm_address and not cfg.samples:
+        _eprint("error: --ppm-address scores the --samples trajectories (PPM best-of-N): pass --samples N")
+        return 2
     if cfg.mcts and not cfg.search_address:
         _eprint("error: --mcts needs --search-address (a running search service, e.g. `rstar up`)")
         return 2
@@ -89,9 +98,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             model_dir, label = _resolve_eval_model(args.model, args.store)
             policy = HFPolicy(model_dir, few_shot=few_shot, batch_size=args.batch, version=label, threads=args.threads)
+    scorer = None
+    if cfg.ppm_address:
+        from rstar.clients import PPMClient
+
+        scorer = PPMClient(cfg.ppm_address, timeout=args.call_timeout)
     executor = make_executor(args.sandbox_address or "")
     try:
-        report = evaluate(problems, policy, executor, cfg, meta={"dataset": args.dataset, "model": label})
+        report = evaluate(problems, policy, executor, cfg, meta={"dataset": args.dataset, "model": label},
+                          scorer=scorer)
     finally:
         executor.close()
     out = Path(args.out or f"eval-{Path(args.dataset).stem}.json")
@@ -174,7 +189,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dataset", required=True, help="JSONL with problem and answer fields")
     p.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
     p.add_argument("--model", default="default",
-                   help="'default' (embedded model), an HF directory, or NAME@VERSION / NAME@current from the registry")
+                   help="'default' (the embedded model's shipped evolved round, else its base), an embedded "
+                        "model's name (its base), an HF directory, or NAME@VERSION / NAME@current from the registry")
     p.add_argument("--store", default=None, help="object store URL for NAME@VERSION (default $RSTAR_STORE_URL)")
     p.add_argument("--few-shot", choices=("auto", "yes", "no"), default="auto",
                    help="prepend the worked examples (auto: unless the model was fine-tuned by the trainer)")
@@ -188,6 +204,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --samples")
     p.add_argument("--mcts", default="", help="comma-separated trajectory counts for MCTS + PPM, e.g. 1,4,8")
     p.add_argument("--mcts-rollouts", type=int, default=0, help="rollouts per MCTS search (0 = service default)")
+    p.add_argument("--mcts-max-tokens", type=int, default=0,
+                   help="generated-token budget of one MCTS solve (0 = the service's)")
+    p.add_argument("--mcts-candidates", type=int, default=0, help="k of the MCTS solves (0 = the service's)")
+    p.add_argument("--mcts-concurrency", type=int, default=4, help="MCTS Solve calls in flight")
+    p.add_argument("--ppm-address", default="",
+                   help="PPM service: also report PPM best-of-N over the --samples trajectories")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per step")
     p.add_argument("--max-depth", type=int, default=16, help="steps per trajectory")
     p.add_argument("--batch", type=int, default=8, help="sequences per generate call")

@@ -117,19 +117,57 @@ def run_rollouts(policy, executor, questions: Sequence[str], *, temperature: flo
 
 
 def mcts_answers(address: str, problems: Sequence[dict[str, Any]], trajectories: int, rollouts: int = 0,
-                 seed: int = 0, timeout: float = 1800.0) -> list[str]:
+                 seed: int = 0, timeout: float = 1800.0, max_tokens: int = 0, candidates: int = 0,
+                 concurrency: int = 1) -> list[dict[str, Any]]:
+    """One `Solve` per problem through the search service, `concurrency` at a time (the policy
+    service batches concurrent calls); per problem: answer, generated tokens, seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import grpc
 
     from rstar.v1 import search_pb2, search_pb2_grpc
 
-    out = []
     with grpc.insecure_channel(address) as ch:
         stub = search_pb2_grpc.SearchServiceStub(ch)
-        for p in problems:
-            req = search_pb2.SolveRequest(problem=p["problem"], seed=seed,
-                                          budget=search_pb2.Budget(trajectories=trajectories, rollouts=rollouts))
-            out.append(stub.Solve(req, timeout=timeout).answer)
-    return out
+
+        def one(p: dict[str, Any]) -> dict[str, Any]:
+            t = time.monotonic()
+            req = search_pb2.SolveRequest(problem=p["problem"], seed=seed, budget=search_pb2.Budget(
+                trajectories=trajectories, rollouts=rollouts, max_tokens=max_tokens,
+                candidates_per_expansion=candidates))
+            resp = stub.Solve(req, timeout=timeout)
+            return {"answer": resp.answer, "tokens": int(resp.stats.generated_tokens),
+                    "seconds": round(time.monotonic() - t, 1), "stop_reason": resp.stats.stop_reason}
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, problems))
+
+
+def best_of(scorer, questions: Sequence[str], rollouts: Sequence[Sequence[Rollout]]) -> tuple[list[list[float | None]], str]:
+    """(PPM score of each sampled trajectory's last step, the PPM version): the paper's answer
+    choice is the trajectory whose final step scores highest; None for one without an answer."""
+    prefixes, where = [], []
+    for i, (q, rs) in enumerate(zip(questions, rollouts)):
+        for j, r in enumerate(rs):
+            if r.answer is not None:
+                prefixes.append((q, tuple(r.steps)))
+                where.append((i, j))
+    scores: list[list[float | None]] = [[None] * len(rs) for rs in rollouts]
+    version = ""
+    for b in range(0, len(prefixes), 64):
+        got = scorer.score(prefixes[b:b + 64])
+        version = got.model_version or version
+        for (i, j), v in zip(where[b:b + 64], got):
+            scores[i][j] = float(v)
+    return scores, version
+
+
+def _pick_best(answers: Sequence[str | None], scores: Sequence[float | None]) -> str | None:
+    best = None
+    for a, s in zip(answers, scores):
+        if a is not None and s is not None and (best is None or s > best[1]):
+            best = (a, s)
+    return best[0] if best else None
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -142,7 +180,11 @@ class EvalConfig:
     temperature: float = 0.7
     mcts: tuple[int, ...] = ()    # numbers of trajectories for MCTS through the search service
     mcts_rollouts: int = 0
+    mcts_max_tokens: int = 0      # generated-token budget of one MCTS solve (0 = the service's)
+    mcts_candidates: int = 0      # k of the MCTS solves (0 = the service's)
+    mcts_concurrency: int = 4     # Solve calls in flight
     search_address: str = ""
+    ppm_address: str = ""         # PPM service for best-of-N over the majority samples
     max_tokens: int = 256
     max_depth: int = 16
     seed: int = 0
@@ -166,7 +208,9 @@ def _vote(answers: Sequence[str | None]) -> str | None:
 
 
 def evaluate(problems: Sequence[dict[str, Any]], policy, executor, cfg: EvalConfig,
-             meta: dict[str, Any] | None = None) -> dict[str, Any]:
+             meta: dict[str, Any] | None = None, scorer=None) -> dict[str, Any]:
+    """Run the configured methods; `scorer` (a PPM) adds best-of-N over the majority samples.
+    Every method reports accuracy, generated tokens per problem and seconds."""
     t0 = time.monotonic()
     golds = [str(p["answer"]) for p in problems]
     questions = [p["problem"] for p in problems]
@@ -192,8 +236,8 @@ def evaluate(problems: Sequence[dict[str, Any]], policy, executor, cfg: EvalConf
             # share of the steps the policy wrote that are well-formed (ended with a stop string)
             "step_format_rate": sum(r.well_formed for r in rs) / max(1, sum(r.generated for r in rs)),
             "failures": dict(Counter(r["failure"] or "none" for r in rows)),
-            "tokens": sum(r["tokens"] for r in rows), "seconds": round(time.monotonic() - t, 1),
-            "per_problem": rows,
+            "tokens": sum(r["tokens"] for r in rows), "tokens_per_problem": sum(r["tokens"] for r in rows) / n,
+            "seconds": round(time.monotonic() - t, 1), "per_problem": rows,
         }
     if cfg.samples > 0:
         t = time.monotonic()
@@ -201,27 +245,50 @@ def evaluate(problems: Sequence[dict[str, Any]], policy, executor, cfg: EvalConf
         seeds = [cfg.seed * 7919 + i for i in range(len(qs))]
         rs = run_rollouts(policy, executor, qs, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                           max_depth=cfg.max_depth, seeds=seeds)
-        answers = [[rs[i * cfg.samples + j].answer for j in range(cfg.samples)] for i in range(len(problems))]
+        groups = [rs[i * cfg.samples:(i + 1) * cfg.samples] for i in range(len(problems))]
+        answers = [[r.answer for r in g] for g in groups]
+        tokens = [[r.tokens for r in g] for g in groups]
+        n = max(1, len(problems))
         curve = {}
         for k in range(1, cfg.samples + 1):
             correct = 0
             for ans, g in zip(answers, golds):
                 ok, how = grade(_vote(ans[:k]), g)
                 correct += ok
-            curve[k] = correct / max(1, len(problems))
+            curve[k] = correct / n
+        # tokens per problem of the first k samples (the x axis of accuracy against compute)
+        tokens_curve = {k: sum(sum(t[:k]) for t in tokens) / n for k in range(1, cfg.samples + 1)}
         report["majority"] = {"samples": cfg.samples, "temperature": cfg.temperature,
-                              "accuracy": curve[cfg.samples], "curve": curve,
+                              "accuracy": curve[cfg.samples], "curve": curve, "tokens_curve": tokens_curve,
+                              "tokens_per_problem": tokens_curve[cfg.samples],
                               "format_rate": sum(r.format_ok for r in rs) / max(1, len(rs)),
-                              "seconds": round(time.monotonic() - t, 1), "answers": answers}
+                              "seconds": round(time.monotonic() - t, 1), "answers": answers, "tokens": tokens}
+        if scorer is not None:
+            t = time.monotonic()
+            scores, ppm_version = best_of(scorer, questions, groups)
+            bcurve = {}
+            for k in range(1, cfg.samples + 1):
+                bcurve[k] = sum(grade(_pick_best(a[:k], sc[:k]), g)[0]
+                                for a, sc, g in zip(answers, scores, golds)) / n
+            report["best_of"] = {"samples": cfg.samples, "accuracy": bcurve[cfg.samples], "curve": bcurve,
+                                 "tokens_curve": tokens_curve, "tokens_per_problem": tokens_curve[cfg.samples],
+                                 "scores": scores, "ppm_seconds": round(time.monotonic() - t, 1),
+                                 "ppm_version": ppm_version}
     if cfg.mcts:
         if not cfg.search_address:
             raise ValueError("MCTS evaluation needs the search service address (--search-address)")
         res = {}
         for n in cfg.mcts:
             t = time.monotonic()
-            answers = mcts_answers(cfg.search_address, problems, n, cfg.mcts_rollouts, cfg.seed)
-            oks = [grade(a or None, g)[0] for a, g in zip(answers, golds)]
-            res[n] = {"accuracy": sum(oks) / max(1, len(oks)), "answers": answers,
+            rows = mcts_answers(cfg.search_address, problems, n, cfg.mcts_rollouts, cfg.seed,
+                                max_tokens=cfg.mcts_max_tokens, candidates=cfg.mcts_candidates,
+                                concurrency=cfg.mcts_concurrency)
+            oks = [grade(r["answer"] or None, g)[0] for r, g in zip(rows, golds)]
+            res[n] = {"accuracy": sum(oks) / max(1, len(oks)), "answers": [r["answer"] for r in rows],
+                      "tokens_per_problem": sum(r["tokens"] for r in rows) / max(1, len(rows)),
+                      "per_problem": [{**r, "correct": ok} for r, ok in zip(rows, oks)],
+                      "budget": {"trajectories": n, "rollouts": cfg.mcts_rollouts, "max_tokens": cfg.mcts_max_tokens,
+                                 "candidates": cfg.mcts_candidates},
                       "seconds": round(time.monotonic() - t, 1)}
         report["mcts"] = res
     report["graders"] = dict(graders)
@@ -239,6 +306,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             out["step_format_rate"] = report["greedy"]["step_format_rate"]
     if "majority" in report:
         out[f"maj@{report['majority']['samples']}"] = report["majority"]["accuracy"]
+    if "best_of" in report:
+        out[f"ppm_best_of@{report['best_of']['samples']}"] = report["best_of"]["accuracy"]
     for n, r in (report.get("mcts") or {}).items():
         out[f"mcts@{n}"] = r["accuracy"]
     return out
