@@ -85,6 +85,16 @@ def build_ppm_dir(policy_dir: str | Path, value_head_file: str | Path, out_dir: 
     return save_model_dir(out_dir, model.backbone, tok, info, value_head=model.value_head)
 
 
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(x[i] != t for x in seqs):
+            return i
+    return n
+
+
 def render(question: str, prefix_steps: Sequence[str], style: str = "rstar") -> str:
     """The PPM's input: question + steps, without few-shot examples, in the backbone's prompt style."""
     return steps.render_prompt(question, list(prefix_steps), few_shot=False, style=style)
@@ -94,9 +104,11 @@ class PPMScorer:
     """One loaded PPM version as the engine's `Scorer`; thread-safe (one forward at a time)."""
 
     def __init__(self, model_dir: str | Path, version: str, head_seed: int = 0, batch_size: int = 16,
-                 max_length: int = 2048):
+                 max_length: int = 2048, prefix_reuse: bool = True, min_shared_tokens: int = 16):
         self.batch_size = batch_size
         self.max_length = max_length
+        self.prefix_reuse = prefix_reuse
+        self.min_shared_tokens = min_shared_tokens
         self._infer = threading.Lock()  # one forward at a time: torch already uses every core
         start = time.monotonic()
         self.model, self.tokenizer = load_value_model(model_dir, head_seed)
@@ -109,11 +121,19 @@ class PPMScorer:
     @torch.inference_mode()
     def score(self, prefixes: Sequence[tuple[str, Sequence[str]]], scope: CallScope | None = None) -> Versioned:
         """PPM score in [-1, 1] of each (question, steps) prefix, in order; stops between
-        batches (Cancelled / DeadlineExceeded) once `scope` is stopped or past its deadline."""
+        batches (Cancelled / DeadlineExceeded) once `scope` is stopped or past its deadline.
+
+        Siblings (prefixes that differ only in their last step, as an expansion's k children
+        do) share their common tokens: with `prefix_reuse`, those are encoded once and each
+        sibling only runs its own tokens on a copy of that KV cache (`_score_group`); the
+        rest are batched by length with left padding."""
         texts = [render(q, s, self.prompt_style) for q, s in prefixes]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = [0.0] * len(texts)
         with self._infer:
+            rest = list(range(len(texts)))
+            if self.prefix_reuse and len(texts) > 1:
+                rest = self._score_siblings(prefixes, texts, scores, scope)
+            order = sorted(rest, key=lambda i: len(texts[i]))
             for b in range(0, len(order), self.batch_size):
                 if scope is not None:
                     scope.check()
@@ -126,6 +146,55 @@ class PPMScorer:
         metrics.PPM_SCORED.inc(len(texts))
         metrics.PPM_BATCH_PREFIXES.observe(len(texts))
         return Versioned(scores, self.version)
+
+    def _score_siblings(self, prefixes, texts, scores, scope) -> list[int]:
+        """Score groups of siblings with a shared KV cache; returns the indices left to score."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (q, s) in enumerate(prefixes):
+            groups.setdefault((q, tuple(s[:-1])), []).append(i)
+        rest: list[int] = []
+        for members in groups.values():
+            if len(members) < 2:
+                rest += members
+                continue
+            ids = [self.tokenizer(texts[i], add_special_tokens=True)["input_ids"] for i in members]
+            if max(len(x) for x in ids) > self.max_length:   # truncated inputs share no prefix
+                rest += members
+                continue
+            shared = _common_prefix_len(ids)
+            if shared < self.min_shared_tokens:
+                rest += members
+                continue
+            if scope is not None:
+                scope.check()
+            for i, v in zip(members, self._score_group(ids, shared, scope)):
+                scores[i] = v
+        return rest
+
+    def _score_group(self, ids: list[list[int]], shared: int, scope) -> list[float]:
+        import copy
+
+        backbone, head = self.model.backbone, self.model.value_head
+        # a sibling must keep at least one token of its own: its score is its last token's state
+        shared = min(shared, min(len(x) for x in ids) - 1)
+        pre = backbone(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True)
+        out: list[float] = []
+        for b in range(0, len(ids), self.batch_size):
+            if scope is not None and b:
+                scope.check()
+            chunk = [x[shared:] for x in ids[b:b + self.batch_size]]
+            n, width = len(chunk), max(len(x) for x in chunk)
+            pad = self.tokenizer.pad_token_id or 0
+            suffix = torch.tensor([x + [pad] * (width - len(x)) for x in chunk])          # right padding:
+            mask = torch.tensor([[1] * (shared + len(x)) + [0] * (width - len(x)) for x in chunk])  # pads come after
+            cache = copy.deepcopy(pre.past_key_values)                                      # the token we read
+            cache.batch_repeat_interleave(n)
+            positions = torch.arange(shared, shared + width).unsqueeze(0).expand(n, -1)
+            h = backbone(input_ids=suffix, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+            last = h[torch.arange(n), torch.tensor([len(x) - 1 for x in chunk])]
+            out += ppm_score(head(last.to(head.weight.dtype)).squeeze(-1)).tolist()
+        return out
 
     def close(self) -> None:
         """Drop the weights (the slot calls this once no request holds this version)."""
