@@ -4,8 +4,9 @@ An embedded base model (rstar.models) can come with evolved rounds, each a folde
 `rstar/shipped/<model>/r<N>/`:
 
     manifest.json                     round, base model (+ its GGUF sha256), versions,
-                                      every file's size and sha256, eval results,
-                                      the command that reproduces it
+                                      every file's size and sha256, eval results per
+                                      version ({version: {dataset: {method: accuracy}}},
+                                      the base's too), the command that reproduces it
     policy/lora_adapter.safetensors   the policy's LoRA adapter (rstar.lora)
     policy/rstar_model.json           the policy version's model info
     ppm/value_head.safetensors        the PPM's value head on the policy's backbone
@@ -75,6 +76,11 @@ class ShippedRound:
     @property
     def ppm_version(self) -> str:
         return self.manifest["ppm"]["version"]
+
+    def eval_of(self, version: str) -> dict[str, Any]:
+        """The manifest's evaluation results of one version ({dataset: {method: accuracy}})."""
+        results = self.manifest.get("eval", {}).get(version, {})
+        return results if isinstance(results, dict) else {}
 
     @property
     def digest(self) -> str:
@@ -233,7 +239,7 @@ def register(registry, shipped: ShippedRound, names: tuple[str, ...] = ("policy"
             register_base_version(registry, name, materialise(shipped)[name], version,
                                   {"source": f"shipped round {shipped.round} of {shipped.model}",
                                    "model": shipped.model, "round": shipped.round,
-                                   "eval": shipped.manifest.get("eval", {})},
+                                   "eval": shipped.eval_of(version)},
                                   promote_if_unset=False)
         current = registry.current(name)
         seen = any(h.get("version") == version and h.get("action") == "promote" for h in registry.history(name))

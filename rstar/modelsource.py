@@ -60,7 +60,8 @@ class ModelSource:
             model = models.embedded(self.model)
             log.info("registering %s as %s/%s in %s", model.name, self.name, model.base_version, self.store_url)
             register_base_version(reg, self.name, models.ensure_model(model.name), model.base_version,
-                                  {"source": model.source, "model": model.name, "round": 0},
+                                  {"source": model.source, "model": model.name, "round": 0,
+                                   "eval": shipped.eval_of(model.base_version) if shipped else {}},
                                   promote_if_unset=shipped is None)
         if shipped is not None:
             evolved.register(reg, shipped, (self.name,))

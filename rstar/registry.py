@@ -205,6 +205,7 @@ class VersionInfo:
     total_bytes: int | None = None
     parent: str | None = None
     round: int | None = None
+    eval: dict[str, Any] | None = None   # the evaluation results recorded in the manifest's metadata
 
 
 def local_files(local_dir: Path) -> list[Path]:
@@ -259,7 +260,9 @@ class ModelRegistry:
                     log.warning("unreadable manifest for %s/%s: %s", name, v, e)
                     out.append(VersionInfo(name, v, False, v == current))
                     continue
-                out.append(VersionInfo(name, v, True, v == current, m.created_at, m.total_bytes, m.parent, m.round))
+                results = (m.metadata or {}).get("eval")
+                out.append(VersionInfo(name, v, True, v == current, m.created_at, m.total_bytes, m.parent, m.round,
+                                       results if isinstance(results, dict) else None))
             else:
                 out.append(VersionInfo(name, v, False, v == current))
         return sorted(out, key=lambda i: (i.created_at or "9999", i.version))

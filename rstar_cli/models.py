@@ -1,6 +1,6 @@
 """`rstar models ...`: inspect and move model versions in the registry.
 
-    rstar models list [NAME]              names, or versions of NAME (* marks CURRENT)
+    rstar models list [NAME]              every version (of NAME), * marks CURRENT, with its eval results
     rstar models show NAME [VERSION]      a version's manifest (default: CURRENT)
     rstar models history NAME             promotions and rollbacks, oldest first
     rstar models promote NAME VERSION     verify (sha256 of every file) and point CURRENT at it
@@ -72,6 +72,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def format_eval(results: dict[str, Any] | None) -> str:
+    """`{"gsm8k_dev100": {"greedy": 0.18, "maj@8": 0.25}}` -> `gsm8k_dev100: greedy 18% maj@8 25%`."""
+    if not results:
+        return "-"
+    parts = []
+    for dataset, methods in sorted(results.items()):
+        if isinstance(methods, dict):
+            cells = " ".join(f"{m} {v:.0%}" for m, v in methods.items() if isinstance(v, (int, float)))
+            parts.append(f"{dataset}: {cells}" if cells else dataset)
+    return "; ".join(parts) or "-"
+
+
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str) if args.json else text)
 
@@ -88,16 +100,13 @@ def _run(args: argparse.Namespace) -> int:
     reg = ModelRegistry(open_store(args.store), cache_dir=getattr(args, "cache_dir", None))
     cmd = args.models_cmd
     if cmd == "list":
-        if not args.name:
-            names = reg.names()
-            rows = [{"name": n, "current": reg.current(n)} for n in names]
-            _out(args, rows, "\n".join(f"{r['name']}\tCURRENT={r['current'] or '-'}" for r in rows)
-                 or f"no models in {reg.store.url}")
-            return 0
-        infos = reg.versions(args.name)
-        lines = [f"{'*' if i.current else ' '} {i.version}\t{'complete' if i.complete else 'INCOMPLETE'}\t"
-                 f"{i.created_at or '-'}\t{_mb(i.total_bytes)}\tparent={i.parent or '-'}" for i in infos]
-        _out(args, [asdict(i) for i in infos], "\n".join(lines) or f"no versions of {args.name!r}")
+        names = [args.name] if args.name else reg.names()
+        infos = [i for n in names for i in reg.versions(n)]
+        lines = [f"{i.name}\t{'*' if i.current else ' '} {i.version}\t{'complete' if i.complete else 'INCOMPLETE'}\t"
+                 f"{i.created_at or '-'}\t{_mb(i.total_bytes)}\tparent={i.parent or '-'}\t{format_eval(i.eval)}"
+                 for i in infos]
+        empty = f"no versions of {args.name!r}" if args.name else f"no models in {reg.store.url}"
+        _out(args, [asdict(i) for i in infos], "\n".join(lines) or empty)
         return 0
     if cmd == "show":
         version = args.version or reg.current(args.name)

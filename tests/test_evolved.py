@@ -59,12 +59,12 @@ def test_export_verify_materialise_register(tmp_path, home, tiny_model_dir):
 
     reg = ModelRegistry(open_store(str(tmp_path / "trained-store")))
     policy, ppm = _trained_round(tmp_path, tiny_model_dir, reg)
-    shipped = evolved.export_round(reg, 1, MODEL, out_root=tmp_path / "shipped", eval_results={"greedy": 0.5},
+    shipped = evolved.export_round(reg, 1, MODEL, out_root=tmp_path / "shipped", eval_results={"r1": {"gsm8k_dev100": {"greedy": 0.5}}},
                                    reproduce="scripts/evolve-embedded.sh train1")
     m = shipped.manifest
     assert (shipped.path / "policy" / lora.LORA_FILE).is_file() and (shipped.path / "ppm" / VALUE_HEAD_FILE).is_file()
     assert not list(shipped.path.glob("*/*model.safetensors")), "no full weights in a shipped round"
-    assert m["bytes"] < evolved.MAX_ROUND_BYTES and m["eval"] == {"greedy": 0.5} and m["round"] == 1
+    assert m["bytes"] < evolved.MAX_ROUND_BYTES and shipped.eval_of("r1") == {"gsm8k_dev100": {"greedy": 0.5}} and m["round"] == 1
     assert [r.round for r in evolved.shipped_rounds(MODEL, tmp_path / "shipped")] == [1]
     evolved.verify(shipped)
 
@@ -83,6 +83,7 @@ def test_export_verify_materialise_register(tmp_path, home, tiny_model_dir):
     fresh.promote("policy", "base-smollm2-135m", deep=False, reason="operator goes back to the base")
     assert evolved.register(fresh, shipped)["policy"] == "base-smollm2-135m"   # the operator's choice is kept
     assert fresh.verify("ppm", "r1").version == "r1"
+    assert {i.version: i.eval for i in fresh.versions("policy")}["r1"] == {"gsm8k_dev100": {"greedy": 0.5}}
 
 
 def test_corrupted_or_missing_files_are_refused(tmp_path, home):

@@ -424,12 +424,14 @@ def test_cli_models_commands(tmp_path, capsys, monkeypatch):
     run = lambda *a: cli_models.main(["models", *a, "--store", url])  # noqa: E731
     a, b = make_model(tmp_path / "a", "a"), make_model(tmp_path / "b", "b")
     assert run("publish", "policy", str(a), "--version", "v1", "--round", "0", "--metadata", '{"k": 1}') == 0
-    assert run("publish", "policy", str(b), "--version", "v2", "--parent", "v1") == 0
+    assert run("publish", "policy", str(b), "--version", "v2", "--parent", "v1",
+               "--metadata", '{"eval": {"gsm8k_dev100": {"greedy": 0.18, "maj@8": 0.25}}}') == 0
     assert run("promote", "policy", "v1") == 0
     assert run("promote", "policy", "v2", "--reason", "eval up") == 0
     capsys.readouterr()
-    assert run("list") == 0
-    assert "policy\tCURRENT=v2" in capsys.readouterr().out
+    assert run("list") == 0   # every version of every name, with its eval results
+    out = capsys.readouterr().out
+    assert "policy\t* v2\tcomplete" in out and "gsm8k_dev100: greedy 18% maj@8 25%" in out
     assert run("list", "policy") == 0
     out = capsys.readouterr().out
     assert "* v2\tcomplete" in out and "  v1\tcomplete" in out
@@ -456,7 +458,7 @@ def test_cli_store_url_from_env(tmp_path, capsys, monkeypatch):
     reg = ModelRegistry(LocalStore(tmp_path / "envstore"))
     reg.publish("ppm", make_model(tmp_path / "a", "a"), "p1")
     assert cli_models.main(["list"]) == 0
-    assert "ppm\tCURRENT=-" in capsys.readouterr().out
+    assert "ppm\t  p1\tcomplete" in capsys.readouterr().out
 
 
 def test_cli_add_parser_plugs_into_a_parent_cli(tmp_path):
