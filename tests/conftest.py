@@ -15,6 +15,9 @@ if str(ROOT) not in sys.path:
 
 # Model caches survive between runs (conversion takes ~45 s); everything else is per-test tmp.
 TEST_HOME = Path(os.environ.get("RSTAR_TEST_HOME", ROOT / ".rstar-test"))
+# Nothing a test runs may touch the user's own $RSTAR_HOME (their store, models, last solve):
+# every test sees the test home unless it sets its own (and its cache is the model fixtures' cache).
+os.environ["RSTAR_HOME"] = str(TEST_HOME)
 
 
 def free_port() -> int:
