@@ -5,12 +5,14 @@ module twice (several servers in one test process) never re-registers them.
 Each carries a `service` label where more than one service can export it. The
 README's metrics catalogue, the alert rules and the Grafana dashboards are
 checked against the names defined here. This module does not start an HTTP
-server by itself: `start_metrics_server` does, when a service asks.
+server by itself: `start_metrics_server` does, when a service asks; other read-only
+pages can be served beside /metrics on it (`add_http_app`: the search's tree viewer).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -84,6 +86,11 @@ SEARCH_SOLVES = Counter(
 SEARCH_PROBLEMS = Counter(
     "rstar_search_synthesis_problems_total", "Synthesis problems finished, by solved (true/false).", ["solved"]
 )
+TRAJECTORY_SHARD_FAULTS = Counter(
+    "rstar_trajectory_shard_faults_total",
+    "Trajectory store faults survived: op=read a shard the trainer skipped as unreadable, "
+    "op=write_part a synthesis part write that failed and is retried with the next part.", ["op"]
+)
 
 # --- evolution (exported by the round controller while it runs) ---
 EVOLUTION_ROUND = Gauge("rstar_evolution_round", "Round the controller works on.")
@@ -98,6 +105,24 @@ EVOLUTION_FAILURES = Counter("rstar_evolution_round_failures_total", "Rounds tha
 
 
 _serving: tuple[str, int] | None = None  # (host, port) of the /metrics server this process started
+_http_apps: dict[str, Callable] = {}     # path prefix -> WSGI app served beside /metrics (the search's /view)
+
+
+def add_http_app(prefix: str, app: Callable) -> None:
+    """Serve the WSGI `app` for `prefix` and the paths below it on this process's /metrics server
+    (before or after it started); everything else stays the metrics exposition."""
+    _http_apps["/" + prefix.strip("/")] = app
+
+
+def _dispatch(metrics_app: Callable) -> Callable:
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for prefix, extra in list(_http_apps.items()):
+            if path == prefix or path.startswith(prefix + "/"):
+                return extra(environ, start_response)
+        return metrics_app(environ, start_response)
+
+    return app
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
@@ -108,6 +133,7 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
     callers without such a setting (the evolution controller, a pod)."""
     global _serving
     server, _thread = start_http_server(port, addr=host)
+    server.set_app(_dispatch(server.get_app()))   # wsgiref's server: the app may be swapped while serving
     bound = server.server_address[1]
     _serving = (host, bound)
     log.info("metrics on http://%s:%d/metrics", host, bound)

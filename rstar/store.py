@@ -12,6 +12,13 @@ both (`tests/test_store.py`):
 - Multi-object "commits" are the caller's job: write the parts, then a small
   marker object last (the model registry's `manifest.json`). Nothing here
   offers transactions across keys.
+- `put(key, data, create_only=True)` never replaces an object: it raises
+  `AlreadyExists` when the key is taken. Local: the temp file is hard-linked
+  into place, which fails atomically if the name exists. S3: a stat first, then
+  a PUT with `If-None-Match: *`; servers that honour it (AWS S3, current MinIO)
+  make it atomic, servers that ignore it (the JuiceFS gateway of the tests)
+  still refuse any write that starts after the first one has finished, but two
+  writes racing inside one round trip can both succeed (the last one wins).
 - S3 calls retry transient failures (connection refused/reset, timeouts, 5xx,
   SlowDown) with exponential backoff, then raise `StoreUnavailable` naming
   the endpoint, instead of a urllib3 traceback.
@@ -67,6 +74,10 @@ class StoreFull(StoreError):
     """No space left where the data was being written."""
 
 
+class AlreadyExists(StoreError):
+    """A create-only write found an object under its key; nothing was written."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -88,7 +99,7 @@ class ObjectStore(Protocol):
     @property
     def url(self) -> str: ...
 
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None: ...
     def put_file(self, key: str, path: str | Path) -> None: ...
     def get(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: str | Path) -> int: ...
@@ -99,8 +110,8 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the target directory, fsync, rename into place."""
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], None], create_only: bool = False) -> None:
+    """Write via a temp file in the target directory, fsync, rename (or, create-only, link) into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
@@ -108,13 +119,40 @@ def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if create_only:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise StoreFull(f"no space left writing {path}") from e
         raise
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished temp file its name only if that name is free (then drop the temp name).
+
+    link(2) fails with EEXIST instead of replacing, so two creators cannot both
+    win. A filesystem without hard links falls back to check-then-rename, which
+    a creator racing in between can still overwrite.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AlreadyExists(f"{path} already exists (create-only write)") from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if path.exists():
+            raise AlreadyExists(f"{path} already exists (create-only write)") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _copy_stream(src: IO[bytes], dst: IO[bytes], on_chunk: Callable[[bytes], None] | None = None) -> int:
@@ -153,8 +191,12 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
-        _write_atomically(self._path(key), lambda f: f.write(data))
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        path = self._path(key)
+        try:
+            _write_atomically(path, lambda f: f.write(data), create_only=create_only)
+        except OSError as e:   # unwritable directory, I/O error: a store fault like S3's, not a crash
+            raise StoreError(f"cannot write {key!r} under {self.root}: {e}") from e
 
     def put_file(self, key: str, path: str | Path) -> None:
         with _open_for_upload(Path(path)) as src:
@@ -268,6 +310,7 @@ _TRANSIENT_CODES = {
     "XMinioServerNotInitialized", "OperationTimedOut",
 }
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+_TAKEN_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}  # If-None-Match: * refused
 
 
 class S3Store:
@@ -335,6 +378,8 @@ class S3Store:
             except S3Error as e:
                 if e.code in _MISSING_CODES:
                     raise NotFound(key or what) from e
+                if e.code in _TAKEN_CODES:
+                    raise AlreadyExists(f"{self.url}/{key or what} already exists (create-only write)") from e
                 if e.code not in _TRANSIENT_CODES:
                     raise StoreError(f"S3 {what} on {self.url} failed: {e.code}: {e.message}") from e
                 last = e
@@ -380,11 +425,20 @@ class S3Store:
 
     # -- interface -------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         name = self._name(key)
         self._ensure_bucket()
-        self._call("put " + key, lambda: self._client.put_object(
-            self.bucket, name, io.BytesIO(data), len(data)))
+        if not create_only:
+            self._call("put " + key, lambda: self._client.put_object(
+                self.bucket, name, io.BytesIO(data), len(data)))
+            return
+        # The stat refuses every write that starts after an earlier one finished, on any
+        # server; If-None-Match closes the remaining race where the server honours it
+        # (put_object would turn the header into x-amz-meta-, hence the raw call).
+        if self.exists(key):
+            raise AlreadyExists(f"{self.url}/{key} already exists (create-only write)")
+        headers = {"If-None-Match": "*", "Content-Type": "application/octet-stream"}
+        self._call("create " + key, lambda: self._client._put_object(self.bucket, name, data, headers=headers), key)
 
     def put_file(self, key: str, path: str | Path) -> None:
         """Stream a local file up (multipart above `part_size_mb`); retried from the start."""
@@ -528,6 +582,6 @@ def open_store(url: str | None = None, s3_config: S3Config | None = None) -> Loc
 
 
 __all__ = [
-    "NotFound", "StoreError", "StoreUnavailable", "StoreFull", "ObjectInfo", "ObjectStore",
+    "NotFound", "StoreError", "StoreUnavailable", "StoreFull", "AlreadyExists", "ObjectInfo", "ObjectStore",
     "LocalStore", "S3Store", "S3Config", "open_store", "copy_object",
 ]

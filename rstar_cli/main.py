@@ -4,6 +4,7 @@
     rstar down                stop every recorded local service (detached or not)
     rstar status              health and model versions of each service
     rstar solve "PROBLEM"     solve through the search service (progress, trajectory, stats)
+    rstar view [REF]          the last solve, a stored tree or a live solve as a local web page
     rstar demo                up + solve a sample problem + down (the README's main job)
     rstar serve SERVICE ...   run one service in the foreground (same as python -m SERVICE)
 """
@@ -185,6 +186,13 @@ def cmd_solve(args) -> int:
     return solve.cmd_solve(args, _addresses(args)["search"], default_rollouts=DEFAULT_ROLLOUTS)
 
 
+def cmd_view(args) -> int:
+    # the viewer command (what to show, the loopback server, --live) is in rstar_cli/view.py
+    from rstar_cli import view
+
+    return view.cmd_view(args, _addresses(args)["search"], default_rollouts=DEFAULT_ROLLOUTS)
+
+
 def cmd_demo(args) -> int:
     with stack.signals_raise():  # SIGTERM/SIGHUP stop the services like Ctrl-C
         try:
@@ -251,6 +259,7 @@ TRAINER_COMMANDS = {
     "eval": "accuracy on a dev set: greedy, majority vote, MCTS; JSON + PNG (python -m trainer eval --help)",
     "evolve": "self-evolution rounds: synthesis, training, evaluation, promotion (python -m trainer evolve --help)",
     "bootstrap": "GSM8K reference solutions -> verified code-step trajectories (python -m trainer bootstrap --help)",
+    "report": "evolution rounds and eval reports -> one HTML page of plots (python -m trainer report --help)",
 }
 
 
@@ -321,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address_args(p)
     _add_solve_args(p)
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("view", help="show a search tree as a local web page (last solve, stored tree, live solve)")
+    from rstar_cli import view
+
+    view.add_arguments(p)
+    _add_address_args(p)
+    _add_solve_args(p)   # for --live (--json: print the view JSON)
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("demo", help="start the services, solve a sample problem, stop them")
     p.add_argument("problem", nargs="?", default="", help="problem (default: a GSM8K sample)")

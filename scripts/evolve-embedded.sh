@@ -16,7 +16,7 @@ DATA=${DATA:-../shared/data}
 PORT=${PORT:-50061}
 PPM_PORT=$((PORT + 1))
 HOME_DIR=${RSTAR_HOME:-$HOME/.rstar}
-LIMIT=${POOL_LIMIT:-48}     # problems per pool file and round
+LIMIT=${POOL_LIMIT:-12}     # problems per pool file and round (2 cores: ~20 min per chunk of 8)
 COMMON=(--pool "$DATA/gsm8k_train.jsonl,$DATA/math_train.jsonl" --pool-limit "$LIMIT"
         --dev "$DATA/gsm8k_dev100.jsonl" --exclude "$DATA/math_dev100.jsonl"
         --chunk 8 --candidates 4 --rollouts 8,16 --max-depth 12 --max-step-tokens 256

@@ -6,6 +6,9 @@ defaults. A request WITH a budget must say how many rollouts it wants
 mean "default" (k, depth, trajectories) or "unlimited" (tokens, wall time).
 Negative values are INVALID_ARGUMENT; values above the server's limits are
 RESOURCE_EXHAUSTED, as is a full search queue.
+
+Synthesize stores under `api-<shard>` (a namespace evolution chunk names never
+use); a shard already stored is ALREADY_EXISTS, a store fault UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -19,16 +22,17 @@ import time
 import grpc
 
 from rstar import metrics
-from rstar.server import ServiceError, exhausted, invalid
+from rstar.server import ServiceError, exhausted, invalid, unavailable
 from rstar.v1 import common_pb2, search_pb2, search_pb2_grpc
 from rstar.search import selection
 from rstar.clients import DownstreamError
 from search_svc.config import SearchConfig
-from rstar.search.core import Busy, SearchCore, SearchOptions, SynthesisProblem
+from rstar.search.core import Busy, SearchCore, SearchOptions, SynthesisProblem, auto_shard_name
 from rstar.protocols import CallScope, Cancelled, DeadlineExceeded
 from rstar.search.engine import Progress, Stats
 from rstar.search.mcts import PPM_AUGMENTED, TERMINAL_GUIDED
-from rstar.trees import SHARD_NAME
+from rstar.store import StoreError
+from rstar.trees import SHARD_NAME, ShardExists
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ _ANNOTATIONS = {
     search_pb2.PPM_AUGMENTED: PPM_AUGMENTED,
 }
 _DONE = object()
+API_SHARD_PREFIX = "api-"   # every shard Synthesize stores is named api-<requested or generated name>
 
 
 def _finite(x: float) -> bool:
@@ -222,8 +227,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise invalid(f"unknown annotation mode {request.annotation}")
         if request.round < 0:
             raise invalid("round must be >= 0")
-        if request.shard and not SHARD_NAME.match(request.shard):
-            raise invalid(f"invalid shard name {request.shard!r}")
+        named = request.shard
+        if named and not (SHARD_NAME.match(named) and SHARD_NAME.match(API_SHARD_PREFIX + named)):
+            raise invalid(f"invalid shard name {request.shard!r} (letters, digits, '.', '_', '-'; at most "
+                          f"{128 - len(API_SHARD_PREFIX)} characters)")
         if request.store and self.core.store is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no trajectory store")
         opts = self._options(request.budget, request.HasField("budget"), request.seed, request.exploration,
@@ -249,12 +256,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 rollouts_done=p.rollouts_done, generated_tokens=p.generated_tokens,
                 elapsed_seconds=p.elapsed_seconds)))
 
+        # client shards live in their own namespace, so no request can take (or pre-empt) a
+        # shard name of the evolution's synthesis, which skips stored shards as done
+        shard = API_SHARD_PREFIX + (request.shard or auto_shard_name(opts.seed))
+
         def work():
-            out = self.core.synthesize(problems, opts, round_no=request.round, shard=request.shard,
-                                       store_trees=request.store, scope=scope, on_progress=on_progress,
-                                       on_tree=on_tree)
+            try:
+                out = self.core.synthesize(problems, opts, round_no=request.round, shard=shard,
+                                           store_trees=request.store, scope=scope, on_progress=on_progress,
+                                           on_tree=on_tree)
+            except ShardExists as e:
+                raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+            except StoreError as e:   # unreachable, full or refusing: the trees finished so far are kept as parts
+                raise unavailable(f"trajectory store: {e}") from None
             return search_pb2.SynthesizeEvent(done=search_pb2.SynthesisDone(
-                shard_key=out.shard_key, problems=len(out.trees), solved=out.solved,
+                shard_key=out.shard_key, problems=len(out.tree_dicts), solved=out.solved,
                 stats=stats_message(out.stats), model_versions=versions_message(out.stats.model_versions)))
 
         yield from self._stream(context, scope, events, work)

@@ -399,8 +399,25 @@ def build_all_pairs(trees: Iterable[dict[str, Any]], cfg: PairConfig | None = No
     return out, stats
 
 
-def iter_round_trees(store, round_no: int) -> Iterator[tuple[str, TreeRecord]]:
-    """(source, tree) for every tree of a round's complete shards."""
+def iter_round_trees(store, round_no: int, skipped: list[str] | None = None) -> Iterator[tuple[str, TreeRecord]]:
+    """(source, tree) for every tree of a round's complete shards.
+
+    A shard that cannot be read (hash mismatch, missing data, corrupt or too-new
+    records) is skipped whole, with a warning, `rstar_trajectory_shard_faults_total
+    {op="read"}` and its source appended to `skipped`: one bad shard costs its
+    trees, not the stage. A store that cannot be reached still raises (StoreError).
+    """
+    from rstar import metrics
+
     for info in traj.list_complete_shards(store, round_no):
-        for tree in traj.read_shard(store, round_no, info.shard):
-            yield f"round-{round_no}/{info.shard}", tree
+        source = f"round-{round_no}/{info.shard}"
+        try:
+            trees = list(traj.read_shard(store, round_no, info.shard))
+        except traj.ShardError as e:
+            log.warning("skipping unreadable trajectory shard %s: %s", source, e)
+            metrics.TRAJECTORY_SHARD_FAULTS.labels("read").inc()
+            if skipped is not None:
+                skipped.append(source)
+            continue
+        for tree in trees:
+            yield source, tree

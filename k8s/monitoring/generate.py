@@ -284,6 +284,9 @@ def evolution() -> Board:
             w=12)
     b.ts("Model reloads", [(f"sum by (service, outcome) (increase(rstar_model_reloads_total{{{NS}}}"
                             f"[$__rate_interval]))", "{{service}} {{outcome}}")], w=24)
+    b.ts("Trajectory shard faults survived", [(
+        f"sum by (op) (increase(rstar_trajectory_shard_faults_total{{{NS}}}[$__rate_interval]))", "{{op}}")], w=24,
+        description="read: an unreadable shard the trainer skipped; write_part: a synthesis part write retried later.")
     return b
 
 

@@ -2,9 +2,10 @@
 
 `SearchCore.solve` runs N independent searches (trajectories, seeds derived from
 the request seed) in one engine run and selects the answer; `SearchCore.synthesize`
-runs a problem list with gold answers and writes the trees to the trajectory
-store. `Admission` bounds concurrent searches and the wait queue. Everything
-downstream (policy, PPM, sandbox, store) is injected.
+runs a problem list with gold answers and stores each tree in the trajectory
+store as it finishes, then the whole shard (see its docstring). `Admission`
+bounds concurrent searches and the wait queue. Everything downstream (policy,
+PPM, sandbox, store) is injected.
 """
 
 from __future__ import annotations
@@ -74,10 +75,13 @@ class SynthesisProblem:
 @dataclass
 class SynthesisOutcome:
     stats: Stats
-    trees: list[Tree]
-    solved: int
+    trees: list[Tree]                   # the trees this run searched (not those taken back from an earlier run)
+    solved: int                         # among tree_dicts
     shard_key: str = ""
-    tree_dicts: list[dict] = field(default_factory=list)
+    tree_dicts: list[dict] = field(default_factory=list)   # every stored/reported tree, in problem order
+    resumed: int = 0                    # trees taken back from an earlier run's stored parts
+    not_started: list[str] = field(default_factory=list)   # problem ids a limit stopped before they began
+    complete: bool = True               # every problem searched to its budget
 
 
 class Admission:
@@ -180,52 +184,113 @@ class SearchCore:
     def synthesize(self, problems: Sequence[SynthesisProblem], opts: SearchOptions, round_no: int = 0,
                    shard: str = "", store_trees: bool = True, scope: CallScope | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
-                   on_tree: Callable[[Tree, dict], None] | None = None) -> SynthesisOutcome:
-        """Search every problem with its gold answer; trees go to the store as one shard."""
+                   on_tree: Callable[[Tree | trajectories.TreeRecord, dict], None] | None = None) -> SynthesisOutcome:
+        """Search every problem with its gold answer; with `store_trees`, the trees go to the store as one shard.
+
+        Storage never loses finished work: each tree is stored (as a part of the
+        shard, `trajectories.ShardBuilder`) as soon as it finishes, and a rerun of
+        the same shard takes back the trees an earlier, killed run finished (same
+        problem, seed and settings) and searches only the rest. The shard itself
+        is written once, at the end (ShardExists up front if it is already
+        stored). A run stopped by a limit stores the trees it searched and marks
+        the shard `complete: false`; problems it never started are neither stored
+        nor counted (`SynthesisOutcome.not_started`). Cancellation or an error
+        writes no shard; the parts stay for the rerun. `on_tree(tree, d)` gets the
+        engine tree, or for a tree taken back from an earlier run its stored record.
+        """
         scope = scope or CallScope()
         if opts.annotation not in (TERMINAL_GUIDED, PPM_AUGMENTED):
             raise ValueError(f"unknown annotation mode {opts.annotation!r}")
         settings = opts.tree_settings()
         trees = [Tree(p.problem, settings, seed=derive_seed(opts.seed, "problem", i, p.id), gold=p.answer,
                       problem_id=p.id or str(i), tag=i) for i, p in enumerate(problems)]
+        builder = None
+        if store_trees:
+            if self.store is None:
+                raise RuntimeError("no trajectory store configured")
+            builder = trajectories.ShardBuilder(self.store, round_no, shard or auto_shard_name(opts.seed))
+        resumed = _resumable(trees, builder.stored()) if builder else {}
         stats = Stats()
         dicts: dict[int, dict] = {}
+        interrupted: list[Tree] = []
 
-        def tree_dict(t: Tree) -> dict:
-            return trajectories.tree_to_dict(t, stats.model_versions, {"round": round_no})
-
-        def finish(t: Tree) -> None:
-            d = tree_dict(t)
-            dicts[t.tag] = d
-            metrics.SEARCH_PROBLEMS.labels("true" if d["solved"] else "false").inc()
-            metrics.SEARCH_TREE_NODES.observe(len(t.nodes) - 1)
+        def finish(t: Tree | trajectories.TreeRecord, d: dict, tag: int, searched: bool = True) -> None:
+            dicts[tag] = d
+            if searched:   # a tree taken back was counted by the run that searched it
+                metrics.SEARCH_PROBLEMS.labels("true" if d["solved"] else "false").inc()
+                metrics.SEARCH_TREE_NODES.observe(len(t.nodes) - 1)
             if on_tree:
                 on_tree(t, d)
 
+        def finish_searched(t: Tree) -> dict:
+            d = trajectories.tree_to_dict(t, stats.model_versions, {"round": round_no})
+            finish(t, d, t.tag)
+            return d
+
         def progress(p: Progress) -> None:
-            for t in p.finished:
-                finish(t)
+            done = [finish_searched(t) for t in p.finished]
+            if builder and done:
+                builder.add(done)
             if on_progress:
                 on_progress(p)
 
         def run() -> SynthesisOutcome:
-            self._engine(opts).run(trees, opts.limits(), scope, progress, stats=stats)
+            for tag, rec in resumed.items():
+                finish(rec, rec.to_dict(), tag, searched=False)
+            to_run = [t for t in trees if t.tag not in resumed]
+            self._engine(opts).run(to_run, opts.limits(), scope, progress, stats=stats)
             _export_stats(stats, "synthesis")
-            for t in trees:   # stopped by a limit: report the partial trees too
-                if t.tag not in dicts:
-                    finish(t)
-            ordered = [dicts[t.tag] for t in trees]
+            for t in to_run:   # stopped by a limit: the searched part of a tree is kept, an unstarted tree is not
+                if t.tag not in dicts and _started(t):
+                    if t.rollouts_done < t.settings.rollouts and not t.root.terminal:
+                        interrupted.append(t)
+                    finish_searched(t)
+            ordered = [dicts[t.tag] for t in trees if t.tag in dicts]
+            not_started = [t.problem_id for t in trees if t.tag not in dicts]
             solved = sum(1 for d in ordered if d["solved"])
-            out = SynthesisOutcome(stats=stats, trees=trees, solved=solved, tree_dicts=ordered)
-            if store_trees:
-                if self.store is None:
-                    raise RuntimeError("no trajectory store configured")
-                name = shard or f"s{opts.seed:x}-{time.strftime('%Y%m%dT%H%M%S')}-{int(time.time() * 1e6) % 10**6:06d}"
-                meta = {"model_versions": stats.model_versions, "problems": len(trees), "solved": solved,
-                        "settings": json.loads(json.dumps(ordered[0]["settings"])) if ordered else {},
-                        "seed": opts.seed, "stop_reason": stats.stop_reason}
-                info = trajectories.write_shard(self.store, round_no, name, ordered, meta)
-                out.shard_key = info.key
+            out = SynthesisOutcome(stats=stats, trees=[t for t in to_run if t.tag in dicts], solved=solved,
+                                   tree_dicts=ordered, resumed=len(resumed), not_started=not_started,
+                                   complete=not not_started and not interrupted)
+            if builder:
+                meta = _shard_metadata(out, opts, requested=len(trees), interrupted=interrupted)
+                out.shard_key = builder.finish(ordered, meta).key
             return out
 
         return self._admitted(scope, run)
+
+
+def _shard_metadata(out: SynthesisOutcome, opts: SearchOptions, requested: int, interrupted: list[Tree]) -> dict:
+    """The manifest fields of a synthesis shard: what it holds, and what it does not."""
+    return {"model_versions": out.stats.model_versions, "problems": len(out.tree_dicts), "requested": requested,
+            "solved": out.solved, "complete": out.complete, "not_started": out.not_started,
+            "interrupted": [t.problem_id for t in interrupted], "resumed": out.resumed,
+            "settings": json.loads(json.dumps(out.tree_dicts[0]["settings"])) if out.tree_dicts else {},
+            "seed": opts.seed, "stop_reason": out.stats.stop_reason}
+
+
+def auto_shard_name(seed: int) -> str:
+    """A shard name for a synthesis that was given none: the seed and the time, to the microsecond."""
+    return f"s{seed:x}-{time.strftime('%Y%m%dT%H%M%S')}-{int(time.time() * 1e6) % 10**6:06d}"
+
+
+def _started(tree: Tree) -> bool:
+    return tree.rollouts_done > 0 or len(tree.nodes) > 1
+
+
+def _resumable(trees: Sequence[Tree], stored: Sequence[trajectories.TreeRecord]) -> dict[int, trajectories.TreeRecord]:
+    """Tag -> stored record, for each tree an earlier run of the same shard already finished.
+
+    A record is taken back only for the same problem (id, question, gold), the
+    same seed and the same settings; model versions are not compared (each tree
+    record keeps its own).
+    """
+    def identity(r: trajectories.TreeRecord) -> tuple:
+        return (r.problem_id, r.question, r.gold, r.seed, json.dumps(r.settings, sort_keys=True))
+
+    by_identity = {identity(r): r for r in stored}
+    out = {}
+    for t in trees:
+        rec = by_identity.get(identity(trajectories.TreeRecord.from_search_tree(t)))
+        if rec is not None:
+            out[t.tag] = rec
+    return out

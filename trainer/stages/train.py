@@ -1,7 +1,9 @@
 """Stages `train-policy` (SFT from the BASE model on rounds 1..n) and `train-ppm` (pairs of round n).
 
 Each publishes `models/<name>/r<n>` once (`trainer.publish`); a rerun finds the
-version and skips training, and still writes the stage summary.
+version and skips training, and still writes the stage summary. A shard that
+cannot be read is skipped (logged, counted, named in the summary's
+`skipped_shards`) rather than failing the stage.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from trainer.stages.context import Context, StageError
 log = logging.getLogger(__name__)
 
 
-def _round_trees(ctx: Context, rounds: range):
+def _round_trees(ctx: Context, rounds: range, skipped: list[str]):
+    """Trees of the rounds' complete shards; unreadable shards are skipped, logged and named in `skipped`."""
     for r in rounds:
-        yield from data.iter_round_trees(ctx.store, r)
+        yield from data.iter_round_trees(ctx.store, r, skipped)
 
 
 def stage_train_policy(ctx: Context, round_no: int) -> dict[str, Any]:
@@ -30,14 +33,15 @@ def stage_train_policy(ctx: Context, round_no: int) -> dict[str, Any]:
 
     cfg = ctx.cfg
     version = publish.version_name(round_no)
-    examples, stats = data.build_sft(_round_trees(ctx, range(1, round_no + 1)), top_k=cfg.sft_top_k)
+    skipped: list[str] = []
+    examples, stats = data.build_sft(_round_trees(ctx, range(1, round_no + 1), skipped), top_k=cfg.sft_top_k)
     log.info("round %d: %s", round_no, stats.line())
     blob = data.encode_jsonl_gz(e.to_dict() for e in examples)
     sft_key = f"rounds/round-{round_no}/sft.jsonl.gz"
     ctx.store.put(sft_key, blob)
     data_info = {"sft_key": sft_key, "sha256": hashlib.sha256(blob).hexdigest(), "rounds": list(range(1, round_no + 1)),
                  "problems": stats.problems, "solved": stats.solved, "trajectories": stats.kept,
-                 "duplicates": stats.duplicates}
+                 "duplicates": stats.duplicates, "skipped_shards": skipped}
     m = publish.existing(ctx.registry, publish.POLICY, version)
     if m is None:
         if not examples:
@@ -69,14 +73,17 @@ def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
     cfg = ctx.cfg
     version = publish.version_name(round_no)
     pcfg = data.PairConfig(min_q_margin=cfg.min_q_margin, min_edit_distance=cfg.min_edit_distance)
-    pairs, stats = data.build_all_pairs((t for _, t in _round_trees(ctx, range(round_no, round_no + 1))), pcfg)
+    skipped: list[str] = []
+    pairs, stats = data.build_all_pairs((t for _, t in _round_trees(ctx, range(round_no, round_no + 1), skipped)),
+                                        pcfg)
     log.info("round %d: %s", round_no, stats.line())
     blob = data.encode_jsonl_gz(p.to_dict() for p in pairs)
     key = f"rounds/round-{round_no}/pairs.jsonl.gz"
     ctx.store.put(key, blob)
     info = {"pairs_key": key, "sha256": hashlib.sha256(blob).hexdigest(), "pairs": len(pairs),
             "step_pairs": stats.step_pairs, "final_pairs": stats.final_pairs, "groups": stats.groups,
-            "filtered_margin": stats.filtered_margin, "filtered_edit": stats.filtered_edit}
+            "filtered_margin": stats.filtered_margin, "filtered_edit": stats.filtered_edit,
+            "skipped_shards": skipped}
     if not pairs:
         summary = {"round": round_no, "version": None, "skipped": True,
                    "reason": "no preference pairs (e.g. a reference bootstrap has no wrong trajectories)", **info}
