@@ -214,3 +214,17 @@ def test_pool_offset_and_exclude_files(setup, tmp_path):
     assert [p["id"] for p in evolve.Context(cfg).pool_problems()] == ["p3"]   # dev0 is always left out
     with pytest.raises(ConfigError):
         dataclasses.replace(cfg, pool_offset=-1).validate()
+
+
+def test_ppm_holdout_is_a_stable_share_of_problem_ids():
+    from rstar.config import ConfigError
+    from trainer.stages.train import held_out
+
+    ids = [f"gsm8k/train/{i}" for i in range(2000)]
+    share = sum(held_out(i, 0.25) for i in ids) / len(ids)
+    assert 0.2 < share < 0.3
+    assert [held_out(i, 0.25) for i in ids] == [held_out(i, 0.25) for i in ids]   # the same every run
+    assert not any(held_out(i, 0.0) for i in ids)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError):
+            evolve.EvolveConfig(ppm_holdout=bad).validate()

@@ -51,6 +51,8 @@ class EvolveConfig:
     ppm_mode: str = field("full", "what PPM training updates: full (backbone + head, the paper) or head (frozen "
                           "backbone, hidden states computed once, a linear head fitted on them: one forward "
                           "pass per input, sized for a CPU)")
+    ppm_holdout: float = field(0.0, "share of the round's problems (a stable hash of the id) whose trees are kept "
+                               "out of PPM training; their pairs give the PPM's held-out pairwise accuracy")
     ppm_head_lr: float = field(1e-3, "learning rate of the head in ppm_mode=head")
     ppm_lr: float = field(7e-6, "PPM learning rate (paper 7e-6)")
     ppm_epochs: float = field(1.0, "PPM epochs (paper 1)")
@@ -78,6 +80,8 @@ class EvolveConfig:
                               f"got {self.bootstrap!r}")
         if self.ppm_mode not in ("full", "head"):
             raise ConfigError(f"ppm_mode must be full or head, got {self.ppm_mode!r}")
+        if not 0 <= self.ppm_holdout < 1:
+            raise ConfigError(f"ppm_holdout must be in [0, 1), got {self.ppm_holdout}")
         if self.pool_limit < 0 or self.pool_offset < 0:
             raise ConfigError("pool_limit and pool_offset must be >= 0")
         if self.shards < 1 or self.chunk < 1:

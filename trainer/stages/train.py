@@ -27,6 +27,13 @@ def _round_trees(ctx: Context, rounds: range, skipped: list[str]):
         yield from data.iter_round_trees(ctx.store, r, skipped)
 
 
+def held_out(problem_id: str, fraction: float) -> bool:
+    """Whether a problem's trees are kept out of PPM training (a stable share of problem ids)."""
+    if fraction <= 0:
+        return False
+    return int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16) / 2 ** 32 < fraction
+
+
 def stage_train_policy(ctx: Context, round_no: int) -> dict[str, Any]:
     from rstar.models import base_version_of
     from trainer.sft import train_policy
@@ -74,16 +81,19 @@ def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
     version = publish.version_name(round_no)
     pcfg = data.PairConfig(min_q_margin=cfg.min_q_margin, min_edit_distance=cfg.min_edit_distance)
     skipped: list[str] = []
-    pairs, stats = data.build_all_pairs((t for _, t in _round_trees(ctx, range(round_no, round_no + 1), skipped)),
-                                        pcfg)
-    log.info("round %d: %s", round_no, stats.line())
+    trees = [t for _, t in _round_trees(ctx, range(round_no, round_no + 1), skipped)]
+    held = [t for t in trees if held_out(t.problem_id, cfg.ppm_holdout)]
+    pairs, stats = data.build_all_pairs((t for t in trees if not held_out(t.problem_id, cfg.ppm_holdout)), pcfg)
+    held_pairs, _ = data.build_all_pairs(held, pcfg)
+    log.info("round %d: %s; %d held-out problems give %d pairs", round_no, stats.line(), len(held), len(held_pairs))
     blob = data.encode_jsonl_gz(p.to_dict() for p in pairs)
     key = f"rounds/round-{round_no}/pairs.jsonl.gz"
     ctx.store.put(key, blob)
     info = {"pairs_key": key, "sha256": hashlib.sha256(blob).hexdigest(), "pairs": len(pairs),
             "step_pairs": stats.step_pairs, "final_pairs": stats.final_pairs, "groups": stats.groups,
             "filtered_margin": stats.filtered_margin, "filtered_edit": stats.filtered_edit,
-            "skipped_shards": skipped}
+            "skipped_shards": skipped, "holdout": {"fraction": cfg.ppm_holdout, "problems": len(held),
+                                                   "pairs": len(held_pairs)}}
     if not pairs:
         summary = {"round": round_no, "version": None, "skipped": True,
                    "reason": "no preference pairs (e.g. a reference bootstrap has no wrong trajectories)", **info}
@@ -98,6 +108,12 @@ def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
         report = train(policy_dir, pairs, out, cfg.ppm_train(),
                        work_dir=ctx.work / f"round-{round_no}" / "ppm.work",
                        metadata={"round": round_no, "version": version})
+        if held_pairs:   # ranked by the saved model as the service scores (trees it was not trained on)
+            from trainer.ppm_train import pair_accuracy
+
+            info["holdout"]["pair_accuracy"] = pair_accuracy(out, held_pairs)
+            log.info("round %d: PPM pairwise accuracy on %d held-out pairs: %.3f", round_no, len(held_pairs),
+                     info["holdout"]["pair_accuracy"])
         m = publish.publish_once(
             ctx.registry, publish.PPM, out, version, parent=f"{publish.POLICY}/{version}", round=round_no, data=info,
             eval={"report": summary_key(round_no, "eval")},
@@ -105,7 +121,7 @@ def stage_train_ppm(ctx: Context, round_no: int) -> dict[str, Any]:
                       "train": {k: v for k, v in report.items() if k != "losses"}})
         shutil.rmtree(out, ignore_errors=True)
         trained = True
-    summary = {"round": round_no, "version": version, "skipped": False, "trained": trained, **info,
-               "train": (m.metadata or {}).get("train")}
+    summary = {"round": round_no, "version": version, "skipped": False, "trained": trained,
+               **{**info, **(m.data if isinstance(m.data, dict) else {})}, "train": (m.metadata or {}).get("train")}
     ctx.put_json(summary_key(round_no, "train-ppm"), summary)
     return summary
