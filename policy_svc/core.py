@@ -3,8 +3,11 @@
 `PolicyEngine` implements the engine's `rstar.protocols.Policy` with its types
 (`GenerationItem`, `SamplingParams` in, `Versioned[list[Candidate]]` out, with
 the model version and each item's prompt tokens). It owns one vLLM `LLM`
-(prefix caching on) and a batching thread: concurrent `generate` calls are
-merged into one engine call, so several searches share every forward pass.
+(prefix caching on) and a batching thread that drives vLLM's engine step by
+step (continuous batching): a call's requests join the running batch at the next
+step and return as soon as they finish, so several searches share every forward
+pass without waiting for each other's longest sequence. A request vLLM refuses
+fails alone.
 Each item carries its own seed (vLLM per-request seeds), so an item's
 candidates do not depend on what else is in the batch. Generation stops at
 `rstar.steps.GENERATION_STOPS`, and the stop string is kept in the text.
@@ -18,6 +21,7 @@ request is done).
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -30,7 +34,8 @@ from typing import Sequence
 
 from rstar import metrics, steps
 from rstar.artifacts import model_few_shot, prompt_style
-from rstar.protocols import CallScope, Cancelled, Candidate, DeadlineExceeded, GenerationItem, SamplingParams, Versioned
+from rstar.protocols import (CallScope, Cancelled, Candidate, DeadlineExceeded, GenerationItem, RequestRejected,
+                             SamplingParams, Versioned)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,13 @@ class _Job:
     items: list[GenerationItem]
     params: SamplingParams
     future: Future = field(default_factory=Future)
+    abandoned: bool = False          # the caller stopped waiting: its requests are aborted
+    outputs: list = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def seqs(self) -> int:
+        return sum(i.n for i in self.items)
 
 
 class PolicyEngine:
@@ -103,13 +115,18 @@ class PolicyEngine:
         Waits at most until `scope`'s deadline (DeadlineExceeded); a stopped scope drops
         the job if it is still queued (Cancelled)."""
         job = _Job(list(items), params)
+
+        def stop() -> None:
+            job.abandoned = True     # running: the batcher aborts its requests at the next step
+            job.future.cancel()      # still queued: the batcher skips it
+
         self._queue.put(job)
-        unregister = scope.on_stop(job.future.cancel) if scope is not None else (lambda: None)
+        unregister = scope.on_stop(stop) if scope is not None else (lambda: None)
         try:
             remaining = scope.remaining() if scope is not None else None
             return job.future.result(timeout=None if remaining is None else max(0.0, remaining))
         except TimeoutError:
-            job.future.cancel()  # still queued: the batcher skips it and frees its slots
+            stop()
             raise DeadlineExceeded("deadline expired while generating") from None
         except CancelledError:
             if scope is not None:
@@ -119,70 +136,115 @@ class PolicyEngine:
             unregister()
 
     def _loop(self) -> None:
+        """Continuous batching: requests join vLLM's running batch at the next engine step and
+        leave it when they finish, so a short call never waits for a long one that happened to
+        be merged with it (the lock-step `LLM.generate` of a whole merged batch did)."""
+        engine = self.llm.llm_engine
+        running: dict[str, tuple[_Job, int]] = {}   # vLLM request id -> (job, item index)
+        active: list[_Job] = []
+        ids = itertools.count()
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch = [job]
-            seqs = sum(i.n for i in job.items)
-            while seqs < self.max_batch_sequences:  # merge whatever else is waiting
+            # admit waiting jobs (block only when nothing runs), up to max_batch_sequences in flight
+            while sum(j.seqs for j in active) < self.max_batch_sequences:
                 try:
-                    nxt = self._queue.get_nowait()
+                    job = self._queue.get(block=not active)
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-                seqs += sum(i.n for i in nxt.items)
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            if not live:
+                if job is None:
+                    self._fail_all(active, running, Cancelled("the policy engine is closing"))
+                    return
+                if job.future.set_running_or_notify_cancel() and self._admit(engine, job, ids, running):
+                    active.append(job)
+            for job in [j for j in active if j.abandoned]:   # deadline passed or caller gone
+                self._drop(engine, job, running)
+                active.remove(job)
+                if not job.future.done():
+                    job.future.set_exception(Cancelled("generation abandoned by its caller"))
+            if not running:
                 continue
             try:
-                results = self._run(live)
-                for j, r in zip(live, results):
-                    j.future.set_result(r)
+                outputs = engine.step()
             except Exception as e:  # noqa: BLE001 - delivered to every waiting caller
                 log.exception("generation failed")
                 if type(e).__name__ == "EngineDeadError" and self.on_fatal is not None:
                     self.on_fatal(f"vLLM engine died: {e}")
-                for j in live:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+                self._fail_all(active, running, e)
+                active = []
+                continue
+            for out in outputs:
+                if not out.finished or out.request_id not in running:
+                    continue
+                job, idx = running.pop(out.request_id)
+                job.outputs[idx] = out
+                if all(o is not None for o in job.outputs):
+                    active.remove(job)
+                    if not job.future.done():
+                        job.future.set_result(self._result(job))
 
-    def _run(self, jobs: list[_Job]) -> list[Versioned]:
+    def _admit(self, engine, job: _Job, ids, running: dict) -> bool:
+        """Add a job's items to the engine; an item vLLM refuses (e.g. a prompt past the context)
+        fails this job alone, and its items already added are withdrawn."""
+        job.outputs = [None] * len(job.items)
+        job.request_ids = []
+        metrics.POLICY_BATCH_PREFIXES.observe(len(job.items))
+        try:
+            for idx, item in enumerate(job.items):
+                rid = str(next(ids))
+                engine.add_request(rid, self.render(item), self._sampling(item, job.params))
+                job.request_ids.append(rid)
+                running[rid] = (job, idx)
+        except Exception as e:  # noqa: BLE001 - this job's input, not the engine
+            self._drop(engine, job, running)
+            job.future.set_exception(RequestRejected(f"the policy cannot serve this request: {e}"))
+            return False
+        return True
+
+    @staticmethod
+    def _drop(engine, job: _Job, running: dict) -> None:
+        ids = [r for r in job.request_ids if r in running]
+        for r in ids:
+            running.pop(r, None)
+        if ids:
+            try:
+                engine.abort_request(ids)
+            except Exception:  # noqa: BLE001 - the requests are gone either way
+                log.exception("aborting requests %s failed", ids)
+
+    @staticmethod
+    def _fail_all(active: list[_Job], running: dict, error: BaseException) -> None:
+        running.clear()
+        for j in active:
+            if not j.future.done():
+                j.future.set_exception(error)
+
+    @staticmethod
+    def _sampling(item: GenerationItem, s: SamplingParams):
         from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
 
-        prompts, params = [], []
-        for job in jobs:
-            s = job.params
-            for item in job.items:
-                prompts.append(self.render(item))
-                params.append(VllmSampling(
-                    # greedy: vLLM refuses n > 1, and every candidate would be the same: decode one
-                    n=item.n if s.temperature > 0 else 1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                    stop=list(steps.GENERATION_STOPS), include_stop_str_in_output=True,
-                    seed=item.seed & 0x7FFFFFFF, skip_special_tokens=False,
-                ))
-        metrics.POLICY_BATCH_PREFIXES.observe(len(prompts))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        out_iter = iter(outputs)
-        results = []
-        for job in jobs:
-            cands_per_item, prompt_tokens = [], []
-            for item in job.items:
-                out = next(out_iter)
-                cands = [Candidate(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs]
-                ptoks = len(out.prompt_token_ids or [])
-                metrics.POLICY_PROMPT_TOKENS.inc(ptoks)
-                metrics.POLICY_GENERATED_TOKENS.inc(sum(c.num_tokens for c in cands))
-                metrics.POLICY_SEQUENCES.inc(len(cands))
-                if len(cands) < item.n and job.params.temperature <= 0:
-                    cands = cands[:1] * item.n
-                cands_per_item.append(cands)
-                prompt_tokens.append(ptoks)
-            results.append(Versioned(cands_per_item, self.version, prompt_tokens))
-        return results
+        return VllmSampling(
+            # one output per request, when all its n candidates are done (what LLM.generate asks for;
+            # the default streams and reports a parallel-sampling request finished with one child)
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            # greedy: vLLM refuses n > 1, and every candidate would be the same: decode one
+            n=item.n if s.temperature > 0 else 1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+            stop=list(steps.GENERATION_STOPS), include_stop_str_in_output=True,
+            seed=item.seed & 0x7FFFFFFF, skip_special_tokens=False,
+        )
+
+    def _result(self, job: _Job) -> Versioned:
+        cands_per_item, prompt_tokens = [], []
+        for item, out in zip(job.items, job.outputs):
+            cands = [Candidate(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs]
+            ptoks = len(out.prompt_token_ids or [])
+            metrics.POLICY_PROMPT_TOKENS.inc(ptoks)
+            metrics.POLICY_GENERATED_TOKENS.inc(sum(c.num_tokens for c in cands))
+            metrics.POLICY_SEQUENCES.inc(len(cands))
+            if len(cands) < item.n and job.params.temperature <= 0:
+                cands = cands[:1] * item.n
+            cands_per_item.append(cands)
+            prompt_tokens.append(ptoks)
+        return Versioned(cands_per_item, self.version, prompt_tokens)
 
     def close(self) -> None:
         """Stop the batcher and release the vLLM engine (its memory, its engine process)."""

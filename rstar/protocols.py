@@ -81,6 +81,11 @@ class Executor(Protocol):
         """Run the programs (concurrently), results in order."""
 
 
+class RequestRejected(ValueError):
+    """The model cannot serve this input (e.g. a prompt longer than its context): the
+    caller's error (INVALID_ARGUMENT), and only this request fails."""
+
+
 class Cancelled(Exception):
     """The caller went away (or asked to stop); pending work was dropped."""
 

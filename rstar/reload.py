@@ -340,7 +340,7 @@ def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object
     serve. `config` needs host, port, model, model_version, store_url, reload_interval
     (and may have `reflection`, default on).
     """
-    from rstar.server import Service, create_grpc_server
+    from rstar.server import ServerSecurity, Service, create_grpc_server
 
     built: set[int] = set()
 
@@ -357,7 +357,8 @@ def model_service(name: str, config, make_servicer: Callable[[ModelSlot], object
         return [service_name]
 
     handle = create_grpc_server(name, register, config.host, config.port,
-                                reflection=getattr(config, "reflection", True))
+                                reflection=getattr(config, "reflection", True),
+                                security=ServerSecurity.from_config(config))
     slot.on_ready = handle.set_serving
     source = None
 
@@ -397,7 +398,7 @@ def call_model(slot: ModelSlot, context, call: Callable[[Any, Any], Any], what: 
     """
     import grpc
 
-    from rstar.protocols import Cancelled, DeadlineExceeded
+    from rstar.protocols import Cancelled, DeadlineExceeded, RequestRejected
     from rstar.server import ServiceError, call_scope, unavailable
 
     scope = call_scope(context)
@@ -414,3 +415,5 @@ def call_model(slot: ModelSlot, context, call: Callable[[Any, Any], Any], what: 
         raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline expired while {doing}") from None
     except Cancelled:
         raise ServiceError(grpc.StatusCode.CANCELLED, f"cancelled while {doing}") from None
+    except RequestRejected as e:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None

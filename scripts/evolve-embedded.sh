@@ -16,12 +16,14 @@ DATA=${DATA:-../shared/data}
 PORT=${PORT:-50061}
 PPM_PORT=$((PORT + 1))
 HOME_DIR=${RSTAR_HOME:-$HOME/.rstar}
-LIMIT=${POOL_LIMIT:-12}     # problems per pool file and round (2 cores: ~20 min per chunk of 8)
+LIMIT=${POOL_LIMIT:-12}     # problems per pool file and round
+SHARDS=${SHARDS:-4}         # synthesis shards run at once: the policy service batches them continuously
 COMMON=(--pool "$DATA/gsm8k_train.jsonl,$DATA/math_train.jsonl" --pool-limit "$LIMIT"
         --dev "$DATA/gsm8k_dev100.jsonl" --exclude "$DATA/math_dev100.jsonl"
-        --chunk 8 --candidates 4 --rollouts 8,16 --max-depth 12 --max-step-tokens 256
+        --shards "$SHARDS" --chunk 4 --candidates 4 --rollouts 8,16 --max-depth 12 --max-step-tokens 256
         --markers none --lora-r 16 --sft-lr 2e-4 --sft-epochs 2 --sft-batch-size 16 --sft-micro-batch 2
         --sft-max-length 2048 --ppm-mode head --ppm-batch-size 64 --ppm-epochs 20 --ppm-from-round 2
+        --ppm-holdout 0.25
         --progress false)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -56,18 +58,28 @@ PY
 
 mkdir -p "$HOME_DIR/logs"
 evolve() { "$PY" -m trainer evolve "${COMMON[@]}" "$@"; }
+synthesize() {  # synthesize ROUND ARGS...: every shard at once (one process each), then the summary
+  local round=$1 pids=() rc=0
+  shift
+  for ((s = 0; s < SHARDS; s++)); do
+    evolve --stage synthesis --round "$round" --shard "$s" "$@" >"$HOME_DIR/logs/evolve-synth$round-$s.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  tail -n 3 "$HOME_DIR"/logs/evolve-synth"$round"-*.log
+  return $rc
+}
 case "${1:-}" in
   synth1)
     serve policy policy_svc "$PORT" default
-    evolve --stage synthesis --round 1 --bootstrap reference+policy --policy-address "127.0.0.1:$PORT" ;;
+    synthesize 1 --bootstrap reference+policy --policy-address "127.0.0.1:$PORT" ;;
   train1)
     evolve --stage train-policy --round 1
     evolve --stage train-ppm --round 1 ;;
   synth2)
     serve policy policy_svc "$PORT" "$(version_dir policy r1)"
     serve ppm ppm_svc "$PPM_PORT" "$(version_dir ppm r1)"
-    evolve --stage synthesis --round 2 --pool-offset "$LIMIT" --policy-address "127.0.0.1:$PORT" \
-      --ppm-address "127.0.0.1:$PPM_PORT" ;;
+    synthesize 2 --pool-offset "$LIMIT" --policy-address "127.0.0.1:$PORT" --ppm-address "127.0.0.1:$PPM_PORT" ;;
   train2)
     evolve --stage train-policy --round 2
     evolve --stage train-ppm --round 2 ;;

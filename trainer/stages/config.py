@@ -33,6 +33,8 @@ class EvolveConfig:
     policy_address: str = field("", "policy service for synthesis ('' = run the current policy in-process)")
     ppm_address: str = field("", "PPM service for PPM-augmented synthesis ('' = in-process)")
     sandbox_address: str = field("", "sandbox service ('' = in-process sandbox)")
+    call_timeout: float = field(3600.0, "deadline in seconds of one policy/PPM service call in synthesis (one call "
+                                "expands every active tree; a CPU takes minutes)")
     rollouts: str = field("8,16,16,16", "MCTS rollouts per problem by round (the last value repeats)")
     candidates: int = field(4, "k candidate steps per expansion")
     max_depth: int = field(16, "maximum steps per trajectory")

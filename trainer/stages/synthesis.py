@@ -47,7 +47,8 @@ def _make_synth_policy(ctx: Context, round_no: int):
     if cfg.policy_address:
         from rstar.clients import PolicyClient
 
-        return PolicyClient(cfg.policy_address)
+        # one call carries every active tree's expansion: on a CPU it can take many minutes
+        return PolicyClient(cfg.policy_address, timeout=cfg.call_timeout)
     from trainer.evaluate import HFPolicy
 
     version = ctx.registry.current(publish.POLICY)
@@ -60,7 +61,7 @@ def _make_synth_scorer(ctx: Context, round_no: int):
     if ctx.cfg.ppm_address:
         from rstar.clients import PPMClient
 
-        return PPMClient(ctx.cfg.ppm_address)
+        return PPMClient(ctx.cfg.ppm_address, timeout=ctx.cfg.call_timeout)
     version = ctx.registry.current(publish.PPM)
     if version is None:
         log.warning("round %d: no promoted PPM; synthesis stays terminal-guided", round_no)
