@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rstar.config import ConfigError, field
+from rstar.config import ConfigError, ServingSecurity, field
 from rstar.services import SERVICES
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(ServingSecurity):
     host: str = field("127.0.0.1", "address to bind")
     port: int = field(SERVICES["policy"].port, "gRPC port (0 = any free port)")
     metrics_port: int = field(SERVICES["policy"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
@@ -44,6 +44,7 @@ class PolicyConfig:
     log_level: str = field("INFO", "logging level")
 
     def validate(self) -> None:
+        self.validate_security()
         if self.default_max_tokens <= 0 or self.max_items <= 0 or self.max_candidates <= 0:
             raise ConfigError("default_max_tokens, max_items and max_candidates must be positive")
         if not re.fullmatch(r"all|auto|\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_threads):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rstar.config import ConfigError, field
+from rstar.config import ConfigError, ServingSecurity, field
 from rstar.services import SERVICES
 
 
 @dataclass
-class PPMConfig:
+class PPMConfig(ServingSecurity):
     host: str = field("127.0.0.1", "address to bind")
     port: int = field(SERVICES["ppm"].port, "gRPC port (0 = any free port)")
     metrics_port: int = field(SERVICES["ppm"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
@@ -30,6 +30,7 @@ class PPMConfig:
     log_level: str = field("INFO", "logging level")
 
     def validate(self) -> None:
+        self.validate_security()
         if self.batch_size <= 0 or self.max_length <= 0 or self.max_prefixes <= 0:
             raise ConfigError("batch_size, max_length and max_prefixes must be positive")
         if self.reload_mode not in ("beside", "drain"):

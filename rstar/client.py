@@ -21,6 +21,8 @@ What it does for every call:
 - a token as `authorization: Bearer <token>` metadata: call credentials over TLS,
   plain metadata on an insecure channel (loopback only unless
   `allow_insecure_token=True`: a bearer token must not cross a network in clear);
+  without `token=`, $RSTAR_TOKEN, else, to a loopback address, the token `rstar up`
+  wrote to $RSTAR_HOME/auth/user.token (`rstar.auth.user_token`); `token=""` sends none;
 - TLS with `grpc.ssl_channel_credentials` (`root_certs`, optional client
   certificate for mutual TLS), each given as a path or as PEM bytes;
 - typed results: frozen dataclasses with `.to_dict()` (JSON-ready), never raw
@@ -48,6 +50,7 @@ from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar, Union
 
 import grpc
 
+from rstar import auth
 from rstar import steps as stepfmt
 from rstar.services import SERVICES
 from rstar.v1 import common_pb2, search_pb2, search_pb2_grpc
@@ -482,14 +485,7 @@ def _pem(value: str | bytes | Path | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-def _is_loopback(address: str) -> bool:
-    target = address.split("///", 1)[-1]
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    if target.startswith("ipv4:") or target.startswith("ipv6:"):
-        target = target.split(":", 1)[1]
-    host = target.rsplit(":", 1)[0] if not target.startswith("[") else target[1:target.find("]")]
-    return host in ("localhost", "::1") or host.startswith("127.")
+_is_loopback = auth.loopback_target
 
 
 class SearchClient:
@@ -529,6 +525,8 @@ class SearchClient:
                 ("grpc.max_reconnect_backoff_ms", int(max(1.0, self.max_backoff) * 1000)),
                 *options]
         self._metadata: tuple[tuple[str, str], ...] = ()
+        if token is None:
+            token = auth.user_token(address)
         if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=_pem(root_certs), private_key=_pem(client_key),
                                                  certificate_chain=_pem(client_cert))

@@ -6,15 +6,24 @@ calls are idempotent: generation is seeded), and is cancelled as soon as the
 request's `CallScope` stops, which frees the downstream work (a cancelled
 Generate frees its vLLM slots). Model versions come back on the results
 (`Versioned.model_version`).
+
+Security (`ClientSecurity`): TLS with a CA bundle and, for mutual TLS, a client
+certificate; a bearer token (scope `internal`, rstar.auth) on every call: call
+credentials over TLS, metadata on plaintext. Without one given, a client sends
+$RSTAR_INTERNAL_TOKEN, or to a loopback address the local stack's internal token
+(`rstar up`), so the trainer's clients reach a local stack unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import grpc
 
+from rstar import auth
 from rstar.server import MAX_MESSAGE_BYTES
 from rstar.v1 import (common_pb2, policy_pb2, policy_pb2_grpc, ppm_pb2, ppm_pb2_grpc, sandbox_pb2,
                       sandbox_pb2_grpc)
@@ -36,23 +45,63 @@ class DownstreamError(Exception):
         self.details = details
 
 
-def make_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ])
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How an internal client reaches its service: TLS material (PEM bytes) and a bearer token."""
+
+    token: str | None = None
+    tls: bool = False
+    root_certs: bytes | None = None   # None with tls: the system's roots
+    cert: bytes | None = None         # client certificate chain (mutual TLS)
+    key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, token_file: str = "", tls: bool = False, ca: str = "", cert: str = "",
+                   key: str = "", address: str | None = None) -> "ClientSecurity":
+        """From paths ('' = not given); no token file: `rstar.auth.internal_token(address)`."""
+        if bool(cert) != bool(key):
+            raise ValueError("a client certificate and its key go together")
+        token = auth.read_token(token_file) if token_file else auth.internal_token(address)
+        return cls(token, bool(tls or ca or cert), Path(ca).read_bytes() if ca else None,
+                   Path(cert).read_bytes() if cert else None, Path(key).read_bytes() if key else None)
+
+
+class _BearerMetadata(grpc.UnaryUnaryClientInterceptor):
+    """`authorization: Bearer` on every call of a plaintext channel (call credentials need TLS)."""
+
+    def __init__(self, token: str):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+        return continuation(details, request)
+
+
+def make_channel(address: str, security: ClientSecurity | None = None) -> grpc.Channel:
+    """A channel to one service. `security` None: plaintext, with the default internal token."""
+    security = security if security is not None else ClientSecurity(auth.internal_token(address))
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    if security.tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=security.root_certs, private_key=security.key,
+                                             certificate_chain=security.cert)
+        if security.token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(security.token))
+        return grpc.secure_channel(address, creds, options=options)
+    channel = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(channel, _BearerMetadata(security.token)) if security.token else channel
 
 
 class _Client:
     service = ""
 
     def __init__(self, address: str, timeout: float = 300.0, retries: int = 4, backoff: float = 0.2,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, security: ClientSecurity | None = None):
         self.address = address
         self.timeout = timeout
         self.retries = max(1, retries)
         self.backoff = backoff
-        self.channel = channel or make_channel(address)
+        self.channel = channel or make_channel(address, security)
 
     def close(self) -> None:
         self.channel.close()

@@ -111,3 +111,37 @@ def parse(cls: type[T], env_prefix: str, argv: Sequence[str] | None = None, prog
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable
+
+
+@dataclasses.dataclass
+class ServingSecurity:
+    """Transport security and authentication, the same fields in every service's config
+    (each service's dataclass inherits them: `RSTAR_<SERVICE>_TLS_CERT`, `--tls-cert`, ...).
+
+    Plaintext gRPC is for loopback: a service bound to any other address refuses to start
+    without `tls_cert` + `tls_key` unless `allow_plaintext` says the network protects it."""
+
+    tls_cert: str = field("", "PEM certificate chain this service presents (with tls_key: the port speaks TLS only)")
+    tls_key: str = field("", "PEM private key of tls_cert")
+    tls_client_ca: str = field("", "PEM CA bundle client certificates must chain to: mutual TLS, a client "
+                               "without a valid certificate is refused in the handshake (needs tls_cert)")
+    auth_tokens: str = field("", "token file (YAML: name, sha256 or token, scopes; rstar/auth.py): every RPC but "
+                             "health and reflection then needs `authorization: Bearer <token>` with the method's "
+                             "scope ('' = no authentication)")
+    allow_plaintext: bool = field(False, "serve plaintext gRPC on a non-loopback host (only inside a network "
+                                  "that already protects it, e.g. a service mesh with mTLS)")
+    health_port: int = field(-1, "a second, plaintext port (same host) serving only grpc.health.v1, for probes "
+                             "that cannot speak TLS or present a client certificate (kubelet's gRPC probe); "
+                             "-1 = off, 0 = any free port")
+
+    def validate_security(self) -> None:
+        from rstar.auth import loopback_host
+
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        host = getattr(self, "host", "127.0.0.1")
+        if not self.tls_cert and not self.allow_plaintext and not loopback_host(host):
+            raise ConfigError(f"plaintext gRPC on {host} would reach the network: give tls_cert and tls_key, "
+                              "or allow_plaintext=true where the network already protects it")

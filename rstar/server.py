@@ -9,7 +9,14 @@ follows the core (a model slot, the sandbox pool, the downstream monitor), so a
 service is SERVING only once its core can answer. `serve` runs a `Service` until
 SIGTERM/SIGINT and then drains gracefully; under `rstar up` it also ends with its
 launcher and keeps a pid file (see "local stacks" below). Reflection can be
-switched off per service (`reflection` in each service's config).
+switched off per service (`reflection` in each service's config). The search service
+also serves its stored trees read-only at /view/ beside /metrics (`mount_tree_viewer`).
+Security (`ServerSecurity`, from the `rstar.config.ServingSecurity` fields every
+service config has): TLS with the configured certificate and key, mutual TLS when a
+client CA is given (a client without a certificate fails the handshake), bearer-token
+authentication and scopes (`rstar.auth.AuthInterceptor`, after the metrics interceptor
+so rejected calls are counted) when a token file is given; plaintext only on a
+loopback host unless `allow_plaintext` says otherwise.
 Handlers raise `ServiceError` (or `ValueError` for bad input) and never leak a
 stack trace to clients: anything unexpected becomes INTERNAL with a one-line
 message, and the trace goes to the log.
@@ -35,7 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
-from rstar import metrics
+from rstar import auth, metrics
 from rstar.protocols import CallScope
 from rstar.services import SERVICES
 
@@ -167,6 +174,8 @@ class ServerHandle:
     health: health.HealthServicer
     service_names: tuple[str, ...]
     closing: bool = field(default=False, init=False)  # once set, health stays NOT_SERVING
+    health_server: grpc.Server | None = None  # the plaintext health-only port, when configured
+    health_port: int | None = None
 
     def set_serving(self, serving: bool) -> None:
         serving = serving and not self.closing
@@ -179,6 +188,50 @@ class ServerHandle:
         log.info("%s health: %s", self.service, "SERVING" if serving else "NOT_SERVING")
 
 
+@dataclass(frozen=True)
+class ServerSecurity:
+    """How a server's port is protected: TLS files (paths), a token file, and whether plaintext
+    may face the network. The default is what a laptop needs: plaintext on loopback, no tokens."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""   # mutual TLS: client certificates must chain to this bundle
+    auth_tokens: str = ""     # rstar.auth token file; '' = no authentication
+    allow_plaintext: bool = False
+    health_port: int = -1     # a plaintext health-only port for probes (-1 = none)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ServerSecurity":
+        """The `rstar.config.ServingSecurity` fields of a service config (absent ones: the defaults)."""
+        return cls(**{f: getattr(config, f, getattr(cls, f)) for f in
+                      ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens", "allow_plaintext", "health_port")})
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def check(self, service: str, host: str) -> None:
+        """ValueError for a combination that must not start (as `ServingSecurity.validate_security`)."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"{service}: tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls:
+            raise ValueError(f"{service}: tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not self.tls and not self.allow_plaintext and not auth.loopback_host(host):
+            raise ValueError(f"{service}: plaintext gRPC on {host} would reach the network: give tls_cert and "
+                             "tls_key, or allow_plaintext where the network already protects it")
+
+    def credentials(self, service: str) -> grpc.ServerCredentials:
+        def read(what: str, path: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise OSError(f"{service}: cannot read {what} {path}: {e.strerror}") from None
+
+        pair = (read("tls_key", self.tls_key), read("tls_cert", self.tls_cert))
+        ca = read("tls_client_ca", self.tls_client_ca) if self.tls_client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
 def create_grpc_server(
     service: str,
     register: Callable[[grpc.Server], Iterable[str]],
@@ -186,14 +239,22 @@ def create_grpc_server(
     port: int = 0,
     max_workers: int = 16,
     reflection: bool = True,
+    security: ServerSecurity | None = None,
 ) -> ServerHandle:
     """Build a server; `register` adds servicers and returns their full service names.
 
     `reflection` (each service's `reflection` setting) serves gRPC server reflection
-    (for grpcurl/grpcui); off, the server answers reflection calls with UNIMPLEMENTED."""
+    (for grpcurl/grpcui); off, the server answers reflection calls with UNIMPLEMENTED.
+    `security` (`ServerSecurity.from_config(config)`): TLS, mutual TLS, tokens; default
+    plaintext, refused on a non-loopback host."""
+    security = security or ServerSecurity()
+    security.check(service, host)
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(service)]
+    if security.auth_tokens:
+        interceptors.append(auth.AuthInterceptor(service, auth.TokenTable(security.auth_tokens)))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
-        interceptors=[MetricsInterceptor(service)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -209,10 +270,24 @@ def create_grpc_server(
             names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, grpc_reflection.SERVICE_NAME),
             server,
         )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if security.tls:
+        bound = server.add_secure_port(f"{host}:{port}", security.credentials(service))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{service}: cannot bind {host}:{port}")
     handle = ServerHandle(service, server, bound, health_servicer, names)
+    if security.health_port >= 0:
+        # the same health servicer on a port of its own: probes see exactly the status clients see
+        handle.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
+                                                                      thread_name_prefix=f"{service}-health"),
+                                           options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handle.health_server)
+        handle.health_port = handle.health_server.add_insecure_port(f"{host}:{security.health_port}")
+        if handle.health_port == 0:
+            raise OSError(f"{service}: cannot bind the health port {host}:{security.health_port}")
+    log.info("%s: %s%s on %s:%d", service, "mutual TLS" if security.tls_client_ca else "TLS" if security.tls
+             else "plaintext", ", bearer tokens" if security.auth_tokens else "", host, bound)
     handle.set_serving(False)
     return handle
 
@@ -255,6 +330,8 @@ class Service:
     def start(self) -> "Service":
         if not self._started:
             self.handle.server.start()
+            if self.handle.health_server is not None:
+                self.handle.health_server.start()
             self._started = True
             log.info("%s listening on port %d", self.name, self.port)
         return self
@@ -271,6 +348,8 @@ class Service:
         self.handle.closing = True
         self.handle.set_serving(False)
         self.handle.server.stop(grace).wait()
+        if self.handle.health_server is not None:
+            self.handle.health_server.stop(0).wait()
         if self.release is not None:
             self.release()
 
@@ -392,6 +471,8 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
         follow_parent(int(parent), grace)
     pid_file = None
     service.start()
+    if service.name == "search":
+        mount_tree_viewer(service)
     try:
         if run_dir:
             pid_file = write_pid_file(Path(run_dir), service)
@@ -412,6 +493,22 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
         if pid_file is not None:
             _remove_pid_file(pid_file)
         log.info("%s stopped", service.name)
+
+
+def mount_tree_viewer(service: Service, authorize: Callable[[str | None], bool] | None = None) -> bool:
+    """The search service's read-only tree viewer at /view/ beside /metrics (its store's trees).
+
+    Auth hook: `authorize(Authorization header or None) -> allowed` guards the view data;
+    None allows every request (`rstar.viewer.http.bearer_authorizer(())`). Once the API's
+    tokens are wired into the search service, pass a check against the same tokens here.
+    False when there is no /metrics server or no store to show."""
+    store = getattr(service.core, "store", None)
+    if store is None or metrics.serving_address() is None:
+        return False
+    from rstar.viewer.http import mount_store_viewer
+
+    mount_store_viewer(store, authorize)
+    return True
 
 
 def setup_logging(level: str = "INFO") -> None:

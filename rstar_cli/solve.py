@@ -8,7 +8,12 @@ code and the real program output in separate blocks, failed steps marked with th
 reason, answer and dead-end steps marked, then a compact summary of the search
 (nodes, nodes per depth on the finished trajectories, answers with votes and scores,
 stop reason, time per stage, model versions). Colour only when stdout is a terminal
-(and NO_COLOR is unset).
+(and NO_COLOR is unset). Every result is also kept as $RSTAR_HOME/last-solve.json,
+which `rstar view` shows.
+
+The token: `SearchClient`'s default (RSTAR_TOKEN, else to a loopback address the token
+`rstar up` wrote under $RSTAR_HOME/auth; `rstar.auth.user_token`), so `rstar up` + `rstar
+solve` need no flag.
 
 Not here: the flags (`rstar_cli/main.py` defines the parser), starting services.
 """
@@ -21,7 +26,8 @@ import time
 from collections import defaultdict
 
 from rstar import steps as stepfmt
-from rstar.client import SearchClient, SearchError, SolveDone, SolveProgress, SolveResult, Step, Unavailable
+from rstar.client import (AuthError, SearchClient, SearchError, SolveDone, SolveProgress, SolveResult, Step,
+                          Unavailable)
 
 # why a step failed, for people (the names are the search's failure kinds)
 FAILURE_REASONS = {
@@ -107,6 +113,9 @@ def cmd_solve(args, address: str, *, default_rollouts: int = 8) -> int:
             _eprint(f"error: {e}")
             if isinstance(e, Unavailable):
                 _eprint(f"(is the search service running at {address}? start it with `rstar up`)")
+            elif isinstance(e, AuthError):
+                # the token comes from RSTAR_TOKEN, else (loopback) the one `rstar up` wrote to $RSTAR_HOME/auth
+                _eprint("(the token is RSTAR_TOKEN, or for a local stack $RSTAR_HOME/auth/user.token)")
             return 1
         except KeyboardInterrupt:
             stream.cancel()
@@ -117,6 +126,7 @@ def cmd_solve(args, address: str, *, default_rollouts: int = 8) -> int:
     if result is None:
         _eprint("error: the stream ended without a result")
         return 1
+    save_last_result(result, args.problem, address)
     if args.json:
         from google.protobuf import json_format
 
@@ -125,6 +135,17 @@ def cmd_solve(args, address: str, *, default_rollouts: int = 8) -> int:
         print(format_result(result, color=use_color(sys.stdout)))
         print(f"wall time: {time.monotonic() - start:.1f} s")
     return 0
+
+
+def save_last_result(result: SolveResult, problem: str, address: str) -> None:
+    """Keep the result as $RSTAR_HOME/last-solve.json for `rstar view`; a failure to write it only warns
+    (the solve itself succeeded)."""
+    from rstar.viewer.model import last_solve_path, save_solve
+
+    try:
+        save_solve(last_solve_path(), result, problem, address)
+    except (OSError, ValueError) as e:
+        _eprint(f"warning: could not save the result for `rstar view`: {e}")
 
 
 def use_color(stream) -> bool:

@@ -21,6 +21,13 @@ stops them in order), with two environment variables the services' shared
   `RUN_DIR/services.json` (pids and endpoints).
 
 Kubernetes pods set neither variable: they write no pid files and follow no parent.
+
+Local stacks are authenticated (`auth=True`, what `rstar up` and `rstar demo` get): on
+first start `rstar.auth.ensure_local_tokens` writes `$RSTAR_HOME/auth/` (the hashed
+token table every service reads with `--auth-tokens`, the user token the CLI and
+`SearchClient` send, the internal token search sends downstream with
+`--downstream-token-file`), owner-only, and later starts reuse it. They speak
+plaintext: every port binds loopback.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from rstar import auth as rstar_auth
 from rstar.config import home_dir
 from rstar.services import SERVICES as SERVICE_TABLE, START_ORDER
 
@@ -91,6 +99,13 @@ def _home_of(env: dict[str, str]) -> Path:
     return Path(env.get("RSTAR_HOME", Path.home() / ".rstar")).expanduser()
 
 
+def token_metadata(address: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the user token for `address` ($RSTAR_TOKEN, or a loopback stack's own),
+    for the CLI's raw calls (`rstar status`'s Info); empty when there is none."""
+    token = rstar_auth.user_token(address)
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def health(address: str, timeout: float = 2.0) -> str:
     """grpc.health.v1 status of a service: SERVING, NOT_SERVING, UNREACHABLE or a status code name."""
     import grpc
@@ -111,13 +126,14 @@ def health(address: str, timeout: float = 2.0) -> str:
 def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = None,
                    log_dir: Path | None = None, service_args: dict[str, list[str]] | None = None,
                    store_url: str | None = None, *, follow: bool = True,
-                   record_dir: Path | None = None) -> dict[str, subprocess.Popen]:
+                   record_dir: Path | None = None, auth: bool = True) -> dict[str, subprocess.Popen]:
     """Start the services named in `eps` (in START_ORDER) as subprocesses.
 
     With `store_url`, policy and PPM serve the registry's promoted versions (and hot-reload),
     search writes trees there. `follow`: the services end when this process does (a
     foreground stack); off for `--detach`. Every service records itself in `record_dir`
-    (default: `run/` under the RSTAR_HOME the services see). /metrics binds loopback."""
+    (default: `run/` under the RSTAR_HOME the services see). /metrics binds loopback.
+    `auth`: every service requires the stack's tokens (created on first start, see above)."""
     log_dir = log_dir or home_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **(extra_env or {}))
@@ -129,6 +145,12 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
         env.pop(PARENT_PID_ENV, None)
     all_eps = endpoints()
     all_eps.update(eps)  # search's downstream addresses: the stack's, else the default ports
+    tokens = None
+    if auth:
+        tokens, created = rstar_auth.ensure_local_tokens(_home_of(env))
+        if created:
+            _eprint(f"created this stack's tokens in {tokens.directory} (the CLI sends {tokens.user.name}; "
+                    f"other clients: RSTAR_TOKEN=$(cat {tokens.user}))")
     procs = {}
     for name in (n for n in START_ORDER if n in eps):
         ep = eps[name]
@@ -139,6 +161,10 @@ def start_services(eps: dict[str, Endpoint], extra_env: dict[str, str] | None = 
                      "--sandbox-address", all_eps["sandbox"].address]
         if store_url and name in ("policy", "ppm", "search"):
             args += ["--store-url", store_url]
+        if tokens is not None:
+            args += ["--auth-tokens", str(tokens.table)]
+            if name == "search":
+                args += ["--downstream-token-file", str(tokens.internal)]
         args += (service_args or {}).get(name, [])
         with open(log_dir / f"{name}.log", "ab") as log:
             procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from rstar import metrics
 from rstar.config import parse
 from rstar.sandbox.config import SandboxConfig
 from rstar.sandbox.pool import Sandbox, SandboxError
-from rstar.server import Service, create_grpc_server, serve, setup_logging
+from rstar.server import ServerSecurity, Service, create_grpc_server, serve, setup_logging
 from rstar.v1 import sandbox_pb2, sandbox_pb2_grpc
 
 from sandbox_svc.servicer import SandboxServicer
@@ -38,7 +38,7 @@ def create_server(config: SandboxConfig, core: Sandbox | None = None) -> Service
     # each Execute thread mostly waits; allow the queue to be reached by many callers
     handle = create_grpc_server("sandbox", register, config.host, config.port,
                                 max_workers=max(16, 4 * config.max_concurrent),
-                                reflection=config.reflection)
+                                reflection=config.reflection, security=ServerSecurity.from_config(config))
     previous = sandbox.on_ready_change
 
     def on_ready_change(ready: bool) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rstar.config import ConfigError, field
+from rstar.config import ConfigError, ServingSecurity, field
 from rstar.services import SERVICES
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ServingSecurity):
     # --- serving ---
     host: str = field("127.0.0.1", "address to bind the gRPC server to")
     port: int = field(SERVICES["search"].port, "gRPC port (0 picks a free one)")
@@ -31,6 +31,14 @@ class SearchConfig:
     call_retries: int = field(4, "attempts per downstream call on UNAVAILABLE (exponential backoff)")
     retry_backoff_s: float = field(0.2, "first retry delay; doubles per attempt")
     health_poll_s: float = field(2.0, "how often downstream Info is polled to set health")
+    downstream_token_file: str = field("", "file with the bearer token sent to policy, ppm and sandbox (scope "
+                                       "internal; '' = $RSTAR_INTERNAL_TOKEN, else the local stack's token for "
+                                       "loopback addresses, else none)")
+    downstream_tls: bool = field(False, "TLS to policy, ppm and sandbox (on by itself when a downstream_tls_* "
+                                 "file is given; system roots without downstream_tls_ca)")
+    downstream_tls_ca: str = field("", "PEM CA bundle that the downstream services' certificates chain to")
+    downstream_tls_cert: str = field("", "PEM client certificate for mutual TLS to the downstream services")
+    downstream_tls_key: str = field("", "PEM private key of downstream_tls_cert")
     # --- storage ---
     store_url: str = field("", "object store for synthesis trees ('' = $RSTAR_HOME/store, file:// or s3://)")
     # --- default budget (used when a request omits its budget) ---
@@ -53,6 +61,7 @@ class SearchConfig:
     max_problem_chars: int = field(16384, "longest problem text accepted (INVALID_ARGUMENT beyond)")
 
     def validate(self) -> None:
+        self.validate_security()
         positive = ("rollouts", "candidates", "max_depth", "max_step_tokens", "max_rollouts", "max_candidates",
                     "max_trajectories", "max_synthesis_problems", "max_active_trees",
                     "max_concurrent_searches", "max_problem_chars", "call_retries")
@@ -65,3 +74,5 @@ class SearchConfig:
             raise ConfigError("exploration and temperature must be >= 0, top_p in (0, 1]")
         if self.call_timeout_s <= 0:
             raise ConfigError("call_timeout_s must be > 0")
+        if bool(self.downstream_tls_cert) != bool(self.downstream_tls_key):
+            raise ConfigError("downstream_tls_cert and downstream_tls_key go together")

@@ -16,9 +16,9 @@ import threading
 
 from rstar import metrics
 from rstar.config import parse
-from rstar.server import ServerHandle, Service, create_grpc_server, serve, setup_logging
+from rstar.server import ServerHandle, ServerSecurity, Service, create_grpc_server, serve, setup_logging
 from rstar.v1 import search_pb2, search_pb2_grpc
-from rstar.clients import PolicyClient, PPMClient, SandboxClient, wait_ready
+from rstar.clients import ClientSecurity, PolicyClient, PPMClient, SandboxClient, wait_ready
 from search_svc.config import SearchConfig
 from rstar.search.core import Admission, SearchCore
 from search_svc.servicer import SearchServicer
@@ -92,18 +92,26 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
     """
     config.validate()
     clients = []
+
+    def security(address: str) -> ClientSecurity:
+        # the internal token and (m)TLS toward policy, ppm and sandbox (rstar.clients, rstar.auth)
+        return ClientSecurity.from_files(config.downstream_token_file, config.downstream_tls,
+                                         config.downstream_tls_ca, config.downstream_tls_cert,
+                                         config.downstream_tls_key, address)
+
     if core is None:
         if policy is None:
             policy = PolicyClient(config.policy_address, config.call_timeout_s, config.call_retries,
-                                  config.retry_backoff_s)
+                                  config.retry_backoff_s, security=security(config.policy_address))
             clients.append(policy)
         if scorer is None:
             scorer = PPMClient(config.ppm_address, config.call_timeout_s, config.call_retries,
-                               config.retry_backoff_s)
+                               config.retry_backoff_s, security=security(config.ppm_address))
             clients.append(scorer)
         if executor is None:
             executor = SandboxClient(config.sandbox_address, config.call_timeout_s, config.call_retries,
-                                     config.retry_backoff_s, wall_seconds=config.execution_wall_s)
+                                     config.retry_backoff_s, wall_seconds=config.execution_wall_s,
+                                     security=security(config.sandbox_address))
             clients.append(executor)
         if store is None:
             from rstar.store import open_store
@@ -118,7 +126,7 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
         return [SERVICE_NAME]
 
     handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers,
-                                reflection=config.reflection)
+                                reflection=config.reflection, security=ServerSecurity.from_config(config))
     watched = [c for c in (core.policy, core.scorer, core.executor) if c is not None and hasattr(c, "info")]
     monitor = DownstreamMonitor(watched, handle, config.health_poll_s)
     servicer.info = monitor.info

@@ -277,7 +277,10 @@ def recorded_server(tmp_path, recorder: Recorder, credentials=None):
         server.stop(0)
 
 
-def test_the_token_is_sent_as_bearer_metadata_on_every_call(tmp_path):
+def test_the_token_is_sent_as_bearer_metadata_on_every_call(tmp_path, monkeypatch):
+    # no default token (rstar.auth.user_token) for the anonymous client below
+    monkeypatch.setenv("RSTAR_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RSTAR_TOKEN", raising=False)
     rec = Recorder()
     with recorded_server(tmp_path, rec) as port:
         with SearchClient(f"127.0.0.1:{port}", token="s3cret") as client:
@@ -329,7 +332,8 @@ def _self_signed(tmp_path):
     return cert_pem, key_pem, tmp_path / "ca.pem"
 
 
-def test_tls_with_a_token_as_call_credentials(tmp_path):
+def test_tls_with_a_token_as_call_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("RSTAR_TOKEN", raising=False)  # the second client sends no token
     cert_pem, key_pem, ca_path = _self_signed(tmp_path)
     rec = Recorder()
     with recorded_server(tmp_path, rec, grpc.ssl_server_credentials([(key_pem, cert_pem)])) as port:
@@ -392,7 +396,7 @@ def test_synthesize_streams_trees_then_the_shard(serve, tmp_path):
     assert sorted(t.problem_id for t in trees) == ["q0", "q1", "q2"]
     assert trees[0].tree["settings"]["annotation"] == "ppm_augmented" and trees[0].nodes > 0
     r = done.result
-    assert r.shard_key == "trajectories/round-1/client-test.jsonl.gz" and r.problems == 3
+    assert r.shard_key == "trajectories/round-1/api-client-test.jsonl.gz" and r.problems == 3
     assert r.solved == sum(t.solved for t in trees) and r.trees == trees
     assert r.model_versions == {"policy": "walk-1", "ppm": "hash-ppm-1"}
     json.dumps(r.to_dict())

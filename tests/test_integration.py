@@ -50,7 +50,9 @@ def services(tmp_path_factory, tiny_format_model_dir):
         "search": ["--max-step-tokens", "48"],
     }
     env = {"RSTAR_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    procs = cli.start_services(eps, extra_env=env, log_dir=home / "logs", service_args=args, store_url=store_url)
+    # without tokens: these tests call the services' raw stubs; tests/test_auth.py covers an authenticated stack
+    procs = cli.start_services(eps, extra_env=env, log_dir=home / "logs", service_args=args, store_url=store_url,
+                               auth=False)
     try:
         cli.wait_healthy(eps, procs, timeout=600, quiet=True)
     except Exception:

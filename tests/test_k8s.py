@@ -33,6 +33,15 @@ ENGINE = ("policy", "ppm")
 # one object-store credential per role (issue 16): the sandbox has none
 ROLE_SECRETS = {"models": "rstar-s3-models", "search": "rstar-s3-search", "trainer": "rstar-s3-trainer"}
 SERVICE_ROLE = {"policy": "models", "ppm": "models", "search": "search", "sandbox": None}
+# gpu-prod's TLS and token Secrets (issue 16 items 1-2): the service's certificate and the token table
+# (hashes) for every service, the internal token for search only; kubelet probes use the health port
+HEALTH_PORT = 9200
+
+
+def security_secrets(overlay: str, svc: str) -> set[str]:
+    if overlay != "gpu-prod":
+        return set()
+    return {f"rstar-tls-{svc}", "rstar-auth-tokens"} | ({"rstar-internal-token"} if svc == "search" else set())
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate missing: run scripts/ensure_tools.sh")
@@ -219,9 +228,10 @@ def test_grpc_health_probes_and_ports(overlay):
         c = container_of(overlay, svc)
         assert c["command"] == ["python", "-m", f"{svc}_svc"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": port, "metrics": mport}
+        probe_port = HEALTH_PORT if overlay == "gpu-prod" else port   # TLS ports: the plaintext health port
+        assert ports == {"grpc": port, "metrics": mport, **({"health": HEALTH_PORT} if probe_port != port else {})}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": port}, (svc, probe)
+            assert c[probe]["grpc"] == {"port": probe_port}, (svc, probe)
         # liveness must be more tolerant than readiness (a hot-reload drain is not a dead process)
         live, ready = c["livenessProbe"], c["readinessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
@@ -528,10 +538,40 @@ def test_credentials_come_from_a_secret_per_role(overlay):
                 assert "rstar-minio-root" not in _secret_refs(pod), what
     for svc, role in SERVICE_ROLE.items():
         pod = one(overlay, "Deployment", svc)["spec"]["template"]["spec"]
-        assert _secret_refs(pod) == ({ROLE_SECRETS[role]} if role else set()), svc
+        assert _secret_refs(pod) == ({ROLE_SECRETS[role]} if role else set()) | security_secrets(overlay, svc), svc
     cj = one(overlay, "CronJob", "rstar-evolution")
     assert _secret_refs(cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]) == {ROLE_SECRETS["trainer"]}
     assert _config_data(overlay, "rstar-evolution")["RSTAR_EVOLUTION_ENV_SECRET"] == ROLE_SECRETS["trainer"]
+
+
+def test_gpu_prod_serves_tls_mutual_tls_and_tokens_from_secrets(overlay):
+    """gpu-prod: TLS on every port, client certificates required by the internal services, tokens
+    everywhere, the files where the Secrets are mounted; the base allows plaintext only explicitly."""
+    from rstar.server import ServerSecurity
+
+    classes = _config_classes()
+    env = _config_data(overlay, "rstar-config")
+    for svc in SERVICES:
+        from rstar.config import build
+
+        cfg = build(classes[svc.upper()], svc.upper(), env=env)
+        sec = ServerSecurity.from_config(cfg)
+        if overlay != "gpu-prod":
+            assert sec == ServerSecurity(allow_plaintext=True), svc   # said explicitly, nothing else
+            continue
+        assert not sec.allow_plaintext and sec.tls and sec.auth_tokens == "/etc/rstar/auth/tokens.yaml", svc
+        assert bool(sec.tls_client_ca) == (svc != "search"), svc        # mutual TLS on the internal services
+        assert sec.health_port == HEALTH_PORT
+        mounts = {m["mountPath"]: m["name"] for m in container_of(overlay, svc)["volumeMounts"]}
+        volumes = {v["name"]: v for v in one(overlay, "Deployment", svc)["spec"]["template"]["spec"]["volumes"]}
+        files = [sec.tls_cert, sec.tls_key, sec.tls_client_ca, sec.auth_tokens]
+        if svc == "search":
+            files += [cfg.downstream_tls_ca, cfg.downstream_tls_cert, cfg.downstream_tls_key,
+                      cfg.downstream_token_file]
+        for f in filter(None, files):
+            d = str(Path(f).parent)
+            assert d in mounts and "secret" in volumes[mounts[d]], (svc, f)
+        assert volumes[mounts["/etc/rstar/tls"]]["secret"]["secretName"] == f"rstar-tls-{svc}"
 
 
 def _check_role_policies(policies: dict[str, dict]) -> None:

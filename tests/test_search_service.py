@@ -268,11 +268,11 @@ def test_synthesize_streams_trees_and_stores_a_shard(env):
     done = events[-1].done
     assert sorted(t.problem_id for t in trees) == [f"q{i}" for i in range(5)]
     assert any(e.HasField("progress") for e in events)
-    assert done.shard_key == "trajectories/round-1/svc-test.jsonl.gz" and done.problems == 5
+    assert done.shard_key == "trajectories/round-1/api-svc-test.jsonl.gz" and done.problems == 5
     assert done.solved == sum(t.solved for t in trees)
     d = json.loads(trees[0].tree_json)
     assert d["schema"] == tj.TREE_SCHEMA and d["settings"]["annotation"] == "ppm_augmented"
-    stored = list(tj.read_shard(LocalStore(env["store_dir"]), 1, "svc-test"))
+    stored = list(tj.read_shard(LocalStore(env["store_dir"]), 1, "api-svc-test"))
     assert [t.problem_id for t in stored] == [f"q{i}" for i in range(5)]
 
 

@@ -76,7 +76,7 @@ def test_a_shard_killed_mid_write_is_not_listed(tmp_path, crash_at):
         from rstar import trees as tj
 
         class Dying(LocalStore):
-            def put(self, key, data):
+            def put(self, key, data, **kw):
                 if {crash_at!r} == "data" and key.endswith(".jsonl.gz"):
                     path = self._path(key)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def test_a_shard_killed_mid_write_is_not_listed(tmp_path, crash_at):
                     os._exit(9)
                 if {crash_at!r} == "manifest" and key.endswith(".manifest.json"):
                     os._exit(9)
-                super().put(key, data)
+                super().put(key, data, **kw)
 
         tree = {{"schema": tj.TREE_SCHEMA, "problem_id": "x", "nodes": []}}
         tj.write_shard(Dying(sys.argv[1]), 4, "crashy", [tree] * 100)

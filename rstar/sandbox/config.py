@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rstar.config import ConfigError, field
+from rstar.config import ConfigError, ServingSecurity, field
 from rstar.services import SERVICES
 
 from rstar.sandbox.isolation import LAYERS
@@ -13,7 +13,7 @@ MiB = 1024 * 1024
 
 
 @dataclass
-class SandboxConfig:
+class SandboxConfig(ServingSecurity):
     host: str = field("127.0.0.1", "address to bind")
     port: int = field(SERVICES["sandbox"].port, "gRPC port (0 = any free port)")
     metrics_port: int = field(SERVICES["sandbox"].metrics_port, "Prometheus /metrics HTTP port (0 = any free port, -1 = off)")
@@ -39,6 +39,7 @@ class SandboxConfig:
     log_level: str = field("INFO", "logging level")
 
     def validate(self) -> None:
+        self.validate_security()
         for name in ("pool_size", "max_concurrent", "max_programs", "max_code_bytes", "memory_bytes",
                      "output_bytes", "file_bytes"):
             if getattr(self, name) <= 0:
