@@ -161,7 +161,8 @@ def cmd_status(args) -> int:
         if health not in ("UNREACHABLE",):
             try:
                 with grpc.insecure_channel(addr) as ch:
-                    info = stubs[name](ch).Info(common_pb2.InfoRequest(), timeout=5)
+                    info = stubs[name](ch).Info(common_pb2.InfoRequest(), timeout=5,
+                                                metadata=stack.token_metadata(addr))
                 versions = ", ".join(f"{m.name}={m.version}" for m in info.models)
                 details = dict(info.details)
             except grpc.RpcError as e:

@@ -125,8 +125,11 @@ def mcts_answers(address: str, problems: Sequence[dict[str, Any]], trajectories:
 
     import grpc
 
+    from rstar import auth
     from rstar.v1 import search_pb2, search_pb2_grpc
 
+    token = auth.user_token(address)   # $RSTAR_TOKEN, or a local stack's own token
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(address) as ch:
         stub = search_pb2_grpc.SearchServiceStub(ch)
 
@@ -135,7 +138,7 @@ def mcts_answers(address: str, problems: Sequence[dict[str, Any]], trajectories:
             req = search_pb2.SolveRequest(problem=p["problem"], seed=seed, budget=search_pb2.Budget(
                 trajectories=trajectories, rollouts=rollouts, max_tokens=max_tokens,
                 candidates_per_expansion=candidates))
-            resp = stub.Solve(req, timeout=timeout)
+            resp = stub.Solve(req, timeout=timeout, metadata=metadata)
             return {"answer": resp.answer, "tokens": int(resp.stats.generated_tokens),
                     "seconds": round(time.monotonic() - t, 1), "stop_reason": resp.stats.stop_reason}
 
