@@ -40,6 +40,9 @@ from rstar.protocols import (CallScope, Cancelled, Candidate, DeadlineExceeded, 
 log = logging.getLogger(__name__)
 
 
+REFUSED = object()   # the output of an item vLLM would not take
+
+
 @dataclass
 class _Job:
     items: list[GenerationItem]
@@ -182,20 +185,32 @@ class PolicyEngine:
                         job.future.set_result(self._result(job))
 
     def _admit(self, engine, job: _Job, ids, running: dict) -> bool:
-        """Add a job's items to the engine; an item vLLM refuses (e.g. a prompt past the context)
-        fails this job alone, and its items already added are withdrawn."""
+        """Add a job's items to the engine. An item vLLM refuses (e.g. a prompt past the context)
+        fails alone: its candidates come back empty with finish_reason "length" (the search
+        treats that step as failed), the job's other items are served; a job whose every item
+        is refused fails with RequestRejected (INVALID_ARGUMENT)."""
         job.outputs = [None] * len(job.items)
         job.request_ids = []
         metrics.POLICY_BATCH_PREFIXES.observe(len(job.items))
-        try:
-            for idx, item in enumerate(job.items):
-                rid = str(next(ids))
+        errors = []
+        for idx, item in enumerate(job.items):
+            rid = str(next(ids))
+            try:
                 engine.add_request(rid, self.render(item), self._sampling(item, job.params))
-                job.request_ids.append(rid)
-                running[rid] = (job, idx)
-        except Exception as e:  # noqa: BLE001 - this job's input, not the engine
-            self._drop(engine, job, running)
-            job.future.set_exception(RequestRejected(f"the policy cannot serve this request: {e}"))
+            except Exception as e:  # noqa: BLE001 - this item's input, not the engine
+                errors.append(str(e))
+                job.outputs[idx] = REFUSED
+                continue
+            job.request_ids.append(rid)
+            running[rid] = (job, idx)
+        if errors:
+            metrics.POLICY_REFUSED_ITEMS.inc(len(errors))
+            log.warning("policy refused %d of %d items: %s", len(errors), len(job.items), errors[0])
+        if len(errors) == len(job.items):
+            job.future.set_exception(RequestRejected(f"the policy cannot serve this request: {errors[0]}"))
+            return False
+        if all(o is not None for o in job.outputs):   # nothing left running (cannot happen with errors < items)
+            job.future.set_result(self._result(job))
             return False
         return True
 
@@ -235,6 +250,10 @@ class PolicyEngine:
     def _result(self, job: _Job) -> Versioned:
         cands_per_item, prompt_tokens = [], []
         for item, out in zip(job.items, job.outputs):
+            if out is REFUSED:
+                cands_per_item.append([Candidate("", "length", 0) for _ in range(item.n)])
+                prompt_tokens.append(0)
+                continue
             cands = [Candidate(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in out.outputs]
             ptoks = len(out.prompt_token_ids or [])
             metrics.POLICY_PROMPT_TOKENS.inc(ptoks)

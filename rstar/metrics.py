@@ -40,6 +40,8 @@ MODEL_RELOADS = Counter(
 POLICY_GENERATED_TOKENS = Counter("rstar_policy_generated_tokens_total", "Tokens generated.")
 POLICY_PROMPT_TOKENS = Counter("rstar_policy_prompt_tokens_total", "Prompt tokens processed.")
 POLICY_SEQUENCES = Counter("rstar_policy_sequences_total", "Candidate steps generated.")
+POLICY_REFUSED_ITEMS = Counter("rstar_policy_refused_items_total",
+                               "Prefixes the policy engine refused (e.g. past the context); they fail alone.")
 POLICY_BATCH_PREFIXES = Histogram(
     "rstar_policy_batch_prefixes", "Prefixes per Generate call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 )

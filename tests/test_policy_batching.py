@@ -97,3 +97,20 @@ def test_a_prompt_past_the_context_fails_alone(policy_address):
     assert len(results["ok"][0]) == 2
     again = _generate(policy_address, "What is 3 + 3?", max_tokens=4)   # the engine is fine
     assert len(again[0]) == 1
+
+
+@pytest.mark.timeout(900)
+def test_a_refused_item_fails_alone_inside_its_call(policy_address):
+    """One call, two items: the one past the context comes back failed, the other is served."""
+    from rstar.clients import PolicyClient
+    from rstar.protocols import GenerationItem, SamplingParams
+
+    client = PolicyClient(policy_address, timeout=120, retries=1)
+    try:
+        out = client.generate([GenerationItem("x " * 3000, (), 2, 1), GenerationItem("What is 2 + 2?", (), 2, 2)],
+                              SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8))
+    finally:
+        client.close()
+    refused, served = out
+    assert [(c.text, c.finish_reason) for c in refused] == [("", "length"), ("", "length")]
+    assert len(served) == 2 and all(c.num_tokens > 0 for c in served)

@@ -1,4 +1,4 @@
-"""`rstar eval`, `rstar evolve`, `rstar bootstrap`: the trainer's command group.
+"""`rstar eval`, `rstar evolve`, `rstar bootstrap`, `rstar report`: the trainer's command group.
 
     rstar eval --dataset FILE.jsonl [--model default|DIR|policy@VERSION] [--samples N] [--mcts 1,4,8]
         greedy accuracy (+ majority vote over N samples, + MCTS through the search service),
@@ -9,8 +9,10 @@
         one stage of one round (what trainer/controller.py runs in Kubernetes Jobs)
     rstar bootstrap --pool FILE [--limit N] [--out FILE.jsonl]
         convert GSM8K reference solutions into verified code-step trajectories
+    rstar report [--store URL] [--rounds 1,2] [--eval [LABEL=]FILE ...] [--out report.html] [--png-dir DIR]
+        one self-contained HTML page of plots from evolution rounds and/or `rstar eval` reports
 
-`python -m trainer COMMAND` runs it; the `rstar` CLI forwards `rstar eval|evolve|bootstrap` here.
+`python -m trainer COMMAND` runs it; the `rstar` CLI forwards `rstar eval|evolve|bootstrap|report` here.
 """
 
 from __future__ import annotations
@@ -178,6 +180,42 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rstar.rounds import RoundStateError
+    from rstar.store import open_store
+    from trainer import report
+
+    try:
+        evals = [report.parse_eval_arg(a) for a in args.eval]
+    except (OSError, ValueError) as e:
+        _eprint(f"error: --eval: {e}")
+        return 2
+    try:
+        numbers = [int(x) for x in args.rounds.split(",") if x.strip()] if args.rounds not in ("", "all") else None
+    except ValueError:
+        _eprint(f"error: --rounds: comma-separated round numbers or 'all', got {args.rounds!r}")
+        return 2
+    # the store is read when named, or when there is nothing else to report on
+    store = open_store(args.store or None) if args.store or not evals else None
+    try:
+        inputs = report.collect(store, numbers, evals)
+    except (RoundStateError, ValueError) as e:
+        _eprint(f"error: {e}")
+        return 1
+    if not inputs.rounds and not inputs.evals:
+        _eprint(f"error: no evolution round in {store.url if store else 'the input'} and no --eval report")
+        return 1
+    secs = report.write_report_page(inputs, args.out, args.png_dir or None, args.title)
+    for s in secs:
+        if s.absent:
+            _eprint(f"{s.id}: {s.absent}")
+    print(f"report: {args.out}" + (f"\nplots:  {args.png_dir}" if args.png_dir else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -239,6 +277,19 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", default="", help="write the trajectories as SFT JSONL here")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_bootstrap)
+
+    p = subparsers.add_parser("report", help="evolution rounds and eval reports -> one HTML page of plots",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="", help="object store with the rounds (default $RSTAR_STORE_URL, else "
+                   "$RSTAR_HOME/store; read unless only --eval reports are given)")
+    p.add_argument("--rounds", default="all", help="comma-separated round numbers, or 'all' (every round with a state)")
+    p.add_argument("--eval", action="append", default=[], metavar="[LABEL=]FILE",
+                   help="an `rstar eval` report (.json or .json.gz), repeatable; a LABEL of base or r<n> (or a "
+                   "report of model policy@r<n>) also places it at that round")
+    p.add_argument("--out", default="report.html", help="the HTML page")
+    p.add_argument("--png-dir", default="", help="also write every plot as <section>.png here")
+    p.add_argument("--title", default="", help="page title")
+    p.set_defaults(func=cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,8 @@ def services() -> Board:
     b.row("Policy")
     b.ts("Tokens/s", [(f"sum(rate(rstar_policy_generated_tokens_total{{{NS}}}[$__rate_interval]))", "generated"),
                       (f"sum(rate(rstar_policy_prompt_tokens_total{{{NS}}}[$__rate_interval]))", "prompt")])
-    b.ts("Candidate steps/s", [(f"sum(rate(rstar_policy_sequences_total{{{NS}}}[$__rate_interval]))", "steps")])
+    b.ts("Candidate steps/s", [(f"sum(rate(rstar_policy_sequences_total{{{NS}}}[$__rate_interval]))", "steps"),
+                               (f"sum(rate(rstar_policy_refused_items_total{{{NS}}}[$__rate_interval]))", "refused")])
     b.ts("Prefixes per Generate (p50, p95)", [
         (f"histogram_quantile({q}, sum by (le) (rate(rstar_policy_batch_prefixes_bucket{{{NS}}}"
          f"[$__rate_interval])))", f"p{int(float(q) * 100)}") for q in ("0.5", "0.95")])
