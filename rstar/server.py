@@ -48,7 +48,8 @@ from rstar.services import SERVICES
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024          # between our own services (large Generate batches)
+PUBLIC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024     # the search API that clients call
 
 
 class ServiceError(Exception):
@@ -240,8 +241,14 @@ def create_grpc_server(
     max_workers: int = 16,
     reflection: bool = True,
     security: ServerSecurity | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> ServerHandle:
     """Build a server; `register` adds servicers and returns their full service names.
+
+    At most `max_workers` RPCs run at once; one more is answered RESOURCE_EXHAUSTED at once
+    instead of queueing without bound behind busy handler threads (where a health check
+    would starve too: probes that must answer under saturation use the health port).
+    `max_message_bytes` bounds requests and responses (the public search API uses a few MiB).
 
     `reflection` (each service's `reflection` setting) serves gRPC server reflection
     (for grpcurl/grpcui); off, the server answers reflection calls with UNIMPLEMENTED.
@@ -256,11 +263,11 @@ def create_grpc_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
         interceptors=interceptors,
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=None,
+        maximum_concurrent_rpcs=max_workers,
     )
     names = tuple(register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

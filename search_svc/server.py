@@ -16,7 +16,8 @@ import threading
 
 from rstar import metrics
 from rstar.config import parse
-from rstar.server import ServerHandle, ServerSecurity, Service, create_grpc_server, serve, setup_logging
+from rstar.server import (PUBLIC_MAX_MESSAGE_BYTES, ServerHandle, ServerSecurity, Service, create_grpc_server, serve,
+                          setup_logging)
 from rstar.v1 import search_pb2, search_pb2_grpc
 from rstar.clients import ClientSecurity, PolicyClient, PPMClient, SandboxClient, wait_ready
 from search_svc.config import SearchConfig
@@ -126,7 +127,8 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
         return [SERVICE_NAME]
 
     handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers,
-                                reflection=config.reflection, security=ServerSecurity.from_config(config))
+                                reflection=config.reflection, security=ServerSecurity.from_config(config),
+                                max_message_bytes=PUBLIC_MAX_MESSAGE_BYTES)
     watched = [c for c in (core.policy, core.scorer, core.executor) if c is not None and hasattr(c, "info")]
     monitor = DownstreamMonitor(watched, handle, config.health_poll_s)
     servicer.info = monitor.info

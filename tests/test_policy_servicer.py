@@ -210,3 +210,40 @@ def test_drain_reload_is_not_serving_while_it_swaps():
         old.gate.set()
         client.close()
         service.close()
+
+
+@pytest.mark.timeout(120)
+def test_overload_is_resource_exhausted_at_once_and_the_health_port_answers():
+    """Every handler busy: one more call is refused at once (not queued), health still answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import free_port
+
+    core = Gated(WalkPolicy())
+    hport = free_port()
+    service = create_server(config(health_port=hport), core=core).start()
+    busy = [PolicyClient(service.address, timeout=60, retries=1) for _ in range(16)]
+    pool = ThreadPoolExecutor(16)
+    try:
+        futures = [pool.submit(c.generate, ITEMS[:1], SamplingParams(max_tokens=8)) for c in busy]
+        end = time.monotonic() + 20
+        while len(core.scopes) < 16 and time.monotonic() < end:   # all 16 handler threads inside the core
+            time.sleep(0.02)
+        assert len(core.scopes) == 16
+        t0 = time.monotonic()
+        with grpc.insecure_channel(service.address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                policy_pb2_grpc.PolicyServiceStub(ch).Generate(policy_pb2.GenerateRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        with grpc.insecure_channel(f"127.0.0.1:{hport}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+        assert status == SERVING and time.monotonic() - t0 < 1.0
+        core.gate.set()
+        assert all(len(f.result(30)) == 1 for f in futures)    # the admitted calls all finish
+    finally:
+        core.gate.set()
+        pool.shutdown(wait=True)
+        for c in busy:
+            c.close()
+        service.close()
