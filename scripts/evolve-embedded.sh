@@ -20,7 +20,7 @@ LIMIT=${POOL_LIMIT:-12}     # problems per pool file and round
 SHARDS=${SHARDS:-4}         # synthesis shards run at once: the policy service batches them continuously
 COMMON=(--pool "$DATA/gsm8k_train.jsonl,$DATA/math_train.jsonl" --pool-limit "$LIMIT"
         --dev "$DATA/gsm8k_dev100.jsonl" --exclude "$DATA/math_dev100.jsonl"
-        --shards "$SHARDS" --chunk 4 --candidates 4 --rollouts 8,16 --max-depth 12 --max-step-tokens 256
+        --shards "$SHARDS" --chunk 4 --candidates 4 --rollouts 8,16 --max-depth 12 --max-step-tokens 128
         --markers none --lora-r 16 --sft-lr 2e-4 --sft-epochs 2 --sft-batch-size 16 --sft-micro-batch 2
         --sft-max-length 2048 --ppm-mode head --ppm-batch-size 64 --ppm-epochs 20 --ppm-from-round 2
         --ppm-holdout 0.25
