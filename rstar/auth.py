@@ -205,6 +205,23 @@ class TokenTable:
         return found
 
 
+VIEW_SCOPES = ("solve", "synthesize")   # who may read stored trees in the search service's viewer
+
+
+def http_authorizer(table: "TokenTable", scopes: Iterable[str] = VIEW_SCOPES):
+    """A check of an HTTP `Authorization: Bearer <token>` header against the API's token table:
+    allowed when the token's caller holds one of `scopes` (admin holds every scope)."""
+    wanted = tuple(scopes)
+
+    def allowed(header: str | None) -> bool:
+        if not header or not header.lower().startswith("bearer "):
+            return False
+        caller = table.lookup(header[7:].strip())
+        return caller is not None and any(caller.may(s) for s in wanted)
+
+    return allowed
+
+
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of an `authorization: Bearer <token>` metadata entry."""
     for key, value in metadata or ():

@@ -177,6 +177,7 @@ class ServerHandle:
     closing: bool = field(default=False, init=False)  # once set, health stays NOT_SERVING
     health_server: grpc.Server | None = None  # the plaintext health-only port, when configured
     health_port: int | None = None
+    tokens: "auth.TokenTable | None" = None     # the API's callers, when authentication is on
 
     def set_serving(self, serving: bool) -> None:
         serving = serving and not self.closing
@@ -257,8 +258,9 @@ def create_grpc_server(
     security = security or ServerSecurity()
     security.check(service, host)
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(service)]
-    if security.auth_tokens:
-        interceptors.append(auth.AuthInterceptor(service, auth.TokenTable(security.auth_tokens)))
+    tokens = auth.TokenTable(security.auth_tokens) if security.auth_tokens else None
+    if tokens is not None:
+        interceptors.append(auth.AuthInterceptor(service, tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
         interceptors=interceptors,
@@ -283,7 +285,7 @@ def create_grpc_server(
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{service}: cannot bind {host}:{port}")
-    handle = ServerHandle(service, server, bound, health_servicer, names)
+    handle = ServerHandle(service, server, bound, health_servicer, names, tokens=tokens)
     if security.health_port >= 0:
         # the same health servicer on a port of its own: probes see exactly the status clients see
         handle.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
@@ -478,8 +480,9 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
         follow_parent(int(parent), grace)
     pid_file = None
     service.start()
-    if service.name == "search":
-        mount_tree_viewer(service)
+    if service.name == "search":   # the tree viewer asks for the API's tokens when the API does
+        tokens = service.handle.tokens
+        mount_tree_viewer(service, auth.http_authorizer(tokens) if tokens is not None else None)
     try:
         if run_dir:
             pid_file = write_pid_file(Path(run_dir), service)
@@ -505,9 +508,10 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
 def mount_tree_viewer(service: Service, authorize: Callable[[str | None], bool] | None = None) -> bool:
     """The search service's read-only tree viewer at /view/ beside /metrics (its store's trees).
 
-    Auth hook: `authorize(Authorization header or None) -> allowed` guards the view data;
-    None allows every request (`rstar.viewer.http.bearer_authorizer(())`). Once the API's
-    tokens are wired into the search service, pass a check against the same tokens here.
+    `authorize(Authorization header or None) -> allowed` guards the view data: `serve` passes
+    `rstar.auth.http_authorizer` over the API's own token table when authentication is on
+    (a token with the solve, synthesize or admin scope may read trees); None allows every
+    request (a loopback stack without tokens).
     False when there is no /metrics server or no store to show."""
     store = getattr(service.core, "store", None)
     if store is None or metrics.serving_address() is None:

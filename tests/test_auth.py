@@ -250,3 +250,17 @@ def test_the_local_sandbox_wants_the_internal_token(local_stack, monkeypatch):
         assert client.execute(["print(6 * 7)"])[0].stdout == "42\n"
     finally:
         client.close()
+
+
+def test_the_tree_viewer_takes_the_apis_tokens(tmp_path):
+    """The search service's /view/ data asks for a token with a solve/synthesize scope when the API does."""
+    path = tmp_path / "tokens.yaml"
+    users = {"reader": "r" * 24, "internal": "i" * 24, "boss": "b" * 24}
+    path.write_text(yaml.safe_dump({"version": 1, "tokens": [
+        {"name": "reader", "sha256": auth.hash_token(users["reader"]), "scopes": ["solve"]},
+        {"name": "internal", "sha256": auth.hash_token(users["internal"]), "scopes": ["internal"]},
+        {"name": "boss", "sha256": auth.hash_token(users["boss"]), "scopes": ["admin"]}]}))
+    allowed = auth.http_authorizer(auth.TokenTable(path))
+    assert allowed(f"Bearer {users['reader']}") and allowed(f"bearer {users['boss']}")
+    assert not allowed(f"Bearer {users['internal']}")       # a service token reads no trees
+    assert not allowed(None) and not allowed("Bearer nope-nope-nope-nope") and not allowed(users["reader"])
