@@ -28,22 +28,8 @@ from collections import defaultdict
 from rstar import steps as stepfmt
 from rstar.client import (AuthError, SearchClient, SearchError, SolveDone, SolveProgress, SolveResult, Step,
                           Unavailable)
+from rstar.viewer.model import FAILURE_REASONS  # why a step failed, for people (one table, the viewer's too)
 
-# why a step failed, for people (the names are the search's failure kinds)
-FAILURE_REASONS = {
-    "error": "the program raised an error",
-    "timeout": "the program ran out of time",
-    "memory": "the program ran out of memory",
-    "killed": "the program was killed",
-    "output_limit": "the program printed too much",
-    "error_output": "the program's output mentions an error",
-    "depth": "depth limit reached without an answer",
-    "length": "cut off at the token limit",
-    "empty": "empty step",
-    "incomplete": "the step does not end with a step marker",
-    "unboxed_answer": "an answer without \\boxed{}",
-    "answer_in_code": "an answer inside a code block",
-}
 # failures of a program that ran: its (possibly empty) output is part of the story
 _RAN = {"error", "timeout", "memory", "killed", "output_limit", "error_output"}
 
