@@ -261,6 +261,7 @@ TRAINER_COMMANDS = {
     "evolve": "self-evolution rounds: synthesis, training, evaluation, promotion (python -m trainer evolve --help)",
     "bootstrap": "GSM8K reference solutions -> verified code-step trajectories (python -m trainer bootstrap --help)",
     "report": "evolution rounds and eval reports -> one HTML page of plots (python -m trainer report --help)",
+    "ship": "a trained round -> rstar/shipped/<model>/r<N> (adapter, value head, manifest) (python -m trainer ship --help)",
 }
 
 

@@ -124,3 +124,26 @@ def test_default_means_the_shipped_round_and_a_name_means_the_base(tmp_path, mon
     assert evolved.for_spec(models.DEFAULT.name) is None    # the base stays one name away
     monkeypatch.setenv("RSTAR_NO_SHIPPED", "1")
     assert evolved.for_spec("default") is None
+
+
+@pytest.mark.timeout(300)
+def test_rstar_ship_writes_the_round_with_its_eval_numbers(tmp_path, home, tiny_model_dir, capsys):
+    pytest.importorskip("peft")
+    import gzip
+
+    from trainer.cli import main
+
+    store = tmp_path / "store"
+    _trained_round(tmp_path, tiny_model_dir, ModelRegistry(open_store(str(store))))
+    report = {"dataset": "../shared/data/gsm8k_dev100.jsonl", "problems": 100,
+              "greedy": {"accuracy": 0.31, "format_rate": 0.9}, "majority": {"samples": 8, "accuracy": 0.4}}
+    (tmp_path / "r1.json.gz").write_bytes(gzip.compress(json.dumps(report).encode()))
+    rc = main(["ship", "--round", "1", "--model", MODEL, "--store", str(store), "--out", str(tmp_path / "shipped"),
+               "--eval", f"r1={tmp_path / 'r1.json.gz'}", "--reproduce", "scripts/evolve-embedded.sh train1"])
+    assert rc == 0 and "shipped round 1" in capsys.readouterr().out
+    shipped = evolved.latest(MODEL, tmp_path / "shipped")
+    assert shipped.eval_of("r1") == {"gsm8k_dev100": {"greedy_accuracy": 0.31, "format_rate": 0.9, "maj@8": 0.4}}
+    assert shipped.manifest["reproduce"] == "scripts/evolve-embedded.sh train1"
+    assert main(["ship", "--round", "1", "--eval", "nonsense"]) == 2
+    assert main(["ship", "--round", "7", "--model", MODEL, "--store", str(store), "--out", str(tmp_path / "x")]) == 1
+    assert "r7" in capsys.readouterr().err and not (tmp_path / "x").exists()

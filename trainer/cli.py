@@ -291,6 +291,62 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--title", default="", help="page title")
     p.set_defaults(func=cmd_report)
 
+    p = subparsers.add_parser("ship", help="write a trained round into the repository as a shipped round")
+    p.add_argument("--round", type=int, required=True, help="the round whose policy/r<N> and ppm/r<N> are shipped")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="the embedded base model it was trained on")
+    p.add_argument("--store", default="", help="object store with the registry (default $RSTAR_STORE_URL / $RSTAR_HOME)")
+    p.add_argument("--eval", action="append", default=[], metavar="VERSION=REPORT",
+                   help="an `rstar eval` report of a version (the base's too), repeatable; its headline numbers "
+                        "go into the manifest and `rstar models list`")
+    p.add_argument("--reproduce", default="", help="the command that reproduces the round (kept in the manifest)")
+    p.add_argument("--out", default="", help="root folder (default: rstar/shipped in this checkout)")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=cmd_ship)
+
+
+# --------------------------------------------------------------------------- ship
+
+
+def read_eval_report(path: str) -> dict[str, Any]:
+    import gzip
+
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    """Write a trained round into the repository as a shipped round (rstar.evolved)."""
+    from rstar import evolved
+    from rstar.registry import ModelRegistry, RegistryError
+    from rstar.store import open_store
+    from trainer.evaluate import summary
+
+    _setup_logging(args.log_level)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for spec in args.eval:
+        version, sep, path = spec.partition("=")
+        if not sep or not version or not path:
+            _eprint(f"error: --eval takes VERSION=REPORT.json[.gz], got {spec!r}")
+            return 2
+        try:
+            report = read_eval_report(path)
+        except (OSError, ValueError) as e:
+            _eprint(f"error: cannot read {path}: {e}")
+            return 2
+        dataset = Path(str(report.get("dataset") or path)).name.split(".")[0]
+        numbers = {k: v for k, v in summary(report).items() if isinstance(v, float)}
+        results.setdefault(version, {}).setdefault(dataset, {}).update(numbers)
+    reg = ModelRegistry(open_store(args.store or None))
+    try:
+        shipped = evolved.export_round(reg, args.round, args.model, Path(args.out) if args.out else None,
+                                       eval_results=results, reproduce=args.reproduce)
+    except (evolved.ShippedError, RegistryError) as e:
+        _eprint(f"error: {e}")
+        return 1
+    print(f"shipped round {shipped.round} of {shipped.model}: {shipped.path} "
+          f"({shipped.manifest['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rstar")
