@@ -29,6 +29,10 @@ like a notebook server's token: `tokens.yaml` (hashes only, what the services re
 readable by the owner only. `user_token()` and `internal_token()` find them (the
 environment variables RSTAR_TOKEN / RSTAR_INTERNAL_TOKEN win).
 
+The handler runs with its caller at hand: `current_caller()` is the `Caller` whose token
+the interceptor accepted (None without a token file, or for health and reflection), so a
+service can key per-caller quotas by `Caller.name` without reading tokens itself.
+
 Not here: transport security (TLS certificates: `rstar.server` serves them, the clients
 in `rstar.clients` and `rstar.client` use them), per-request quotas, and identities beyond
 a token's name (no users, groups or OIDC: put a gateway in front for those).
@@ -36,6 +40,7 @@ a token's name (no users, groups or OIDC: put a gateway in front for those).
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -252,6 +257,60 @@ def _denying(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     return grpc.stream_stream_rpc_method_handler(lambda it, ctx: stream(None, ctx), **kw)
 
 
+_CALLER: contextvars.ContextVar["Caller | None"] = contextvars.ContextVar("rstar_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """The caller of the RPC this thread is handling (set by `AuthInterceptor`); None without auth."""
+    return _CALLER.get()
+
+
+def _as_caller(handler: grpc.RpcMethodHandler, caller: Caller) -> grpc.RpcMethodHandler:
+    """`handler` run with `current_caller()` = `caller` (reset afterwards: handler threads are reused)."""
+    def unary(fn):
+        def run(request, context):
+            token = _CALLER.set(caller)
+            try:
+                return fn(request, context)
+            finally:
+                _CALLER.reset(token)
+        return run
+
+    def stream(fn):
+        def run(request, context):
+            # set around each step, never across a yield: a generator may be finished (closed,
+            # collected) in another thread's context, where resetting would fail
+            token = _CALLER.set(caller)
+            try:
+                responses = iter(fn(request, context))
+            finally:
+                _CALLER.reset(token)
+            try:
+                while True:
+                    token = _CALLER.set(caller)
+                    try:
+                        item = next(responses)
+                    except StopIteration:
+                        return
+                    finally:
+                        _CALLER.reset(token)
+                    yield item
+            finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()
+        return run
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kw)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Authenticates every call but health and reflection, then authorizes it by `METHOD_SCOPES`."""
 
@@ -278,7 +337,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         ",".join(sorted(caller.scopes)))
             return _denying(handler, grpc.StatusCode.PERMISSION_DENIED,
                             f"{self.service}: {short} needs the `{scope}` scope")
-        return handler
+        return _as_caller(handler, caller)
 
 
 # ---------------------------------------------------------------- local stacks

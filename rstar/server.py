@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024          # between our own services (large Generate batches)
 PUBLIC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024     # the search API that clients call
+# Internal clients ping idle connections every 30 s (rstar.clients.KEEPALIVE_TIME_S): a server
+# must allow that, or it answers the pings with GOAWAY "too_many_pings" and drops the connection.
+MIN_PING_INTERVAL_S = 10.0
+# A connection is closed gracefully (GOAWAY; in-flight calls finish) after this long, so clients
+# re-resolve a headless Service's name and spread over replicas added since they connected.
+MAX_CONNECTION_AGE_S = 300.0
 
 
 class ServiceError(Exception):
@@ -268,6 +274,9 @@ def create_grpc_server(
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_PING_INTERVAL_S * 1000)),
+            ("grpc.max_connection_age_ms", int(MAX_CONNECTION_AGE_S * 1000)),
         ],
         maximum_concurrent_rpcs=max_workers,
     )
@@ -459,14 +468,23 @@ def serve(service: Service, grace: float = 10.0, ready: threading.Event | None =
     The server answers from the start (health NOT_SERVING, RPCs UNAVAILABLE) and
     its health follows the core from then on. `ready` is set once the load step
     returned. On a signal, health flips to NOT_SERVING first so load balancers stop
-    sending, in-flight RPCs get `grace` seconds, then the core is released.
+    sending, in-flight RPCs get `grace` seconds, then the core is released (at
+    once when none is in flight); a second signal cuts the drain short. A service
+    whose calls are long passes its own drain grace (the search service:
+    `drain_grace_s`); the pod's terminationGracePeriodSeconds must be longer.
     Started by `rstar up` (RSTAR_PARENT_PID, RSTAR_RUN_DIR; see above), the service also
     ends when `rstar up` does and records itself in a pid file while it runs.
     """
     stop = threading.Event()
 
     def _signal(signum, _frame):
-        log.info("%s: received %s, shutting down", service.name, signal.Signals(signum).name)
+        if stop.is_set():   # a second signal: an operator who will not wait for the drain
+            log.warning("%s: received %s again, stopping in-flight calls now", service.name,
+                        signal.Signals(signum).name)
+            service.handle.server.stop(0)
+            return
+        log.info("%s: received %s, shutting down (in-flight calls get %.0f s)", service.name,
+                 signal.Signals(signum).name, grace)
         stop.set()
         if loading.is_set():  # interrupt a model load too
             raise KeyboardInterrupt

@@ -37,7 +37,13 @@ search (`rstar.search.mcts.expand_leaf`), `rstar eval` and synthesis alike:
 
 Program output enters prompts and trees only through `output_step`, which
 escapes step markers and chat tokens (`escape_output`), so a program that
-prints `<end_of_step>` or `<answer>\\boxed{5}` cannot forge steps.
+prints `<end_of_step>` or `<answer>\\boxed{5}` cannot forge steps, and keeps at
+most `OUTPUT_PROMPT_BYTES` of it (`truncate_output`: head and tail, the cut
+named), so a program that prints 64 KiB cannot fill the context of every later
+prompt. The budget is in UTF-8 bytes, an upper bound on the tokens of any
+byte-level tokenizer (every token is at least one byte). It is part of the
+step format, not a service flag: the search, stored trees, SFT data and eval
+must all rebuild the same prefix from the same output.
 
 Everything here is pure string handling: no model, no execution, no grading
 (`rstar.grading` decides whether an answer is right).
@@ -339,9 +345,34 @@ def escape_output(stdout: str) -> str:
     return _FORGEABLE.sub(lambda m: "&lt;" + m.group(0)[1:], stdout)
 
 
-def output_step(stdout: str) -> str:
-    """The system-written step appended after a step that ends the code block (output escaped)."""
-    return f"\n{OUTPUT_START}{escape_output(stdout.strip())}{OUTPUT_END}"
+# The most program output a prompt carries after one code block: 1 KiB is a few hundred tokens
+# (a 4,096-token context also holds the few-shot examples, the problem and up to 16 steps), far
+# more than the numbers a solution step prints; a step's full output stays in its tree node.
+OUTPUT_PROMPT_BYTES = 1024
+_CUT_NOTE = "\n... [{n} bytes of output cut] ...\n"
+
+
+def truncate_output(text: str, max_bytes: int = OUTPUT_PROMPT_BYTES) -> str:
+    """`text` if its UTF-8 encoding fits `max_bytes`, else its head and tail with the cut named
+    in between, the whole within `max_bytes` (the tail gets a quarter: a program's last lines
+    usually hold its result). Never splits a character; never creates a `<` (safe after
+    `escape_output`). Idempotent."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    note_len = len(_CUT_NOTE.format(n=len(raw)).encode())
+    keep = max(0, max_bytes - note_len)
+    tail_len = keep // 4
+    head = raw[:keep - tail_len].decode("utf-8", errors="ignore")
+    tail = raw[len(raw) - tail_len:].decode("utf-8", errors="ignore") if tail_len else ""
+    cut = len(raw) - len(head.encode()) - len(tail.encode())
+    return head + _CUT_NOTE.format(n=cut) + tail
+
+
+def output_step(stdout: str, max_bytes: int = OUTPUT_PROMPT_BYTES) -> str:
+    """The system-written step appended after a step that ends the code block (output escaped,
+    then cut to `max_bytes`: `truncate_output`)."""
+    return f"\n{OUTPUT_START}{truncate_output(escape_output(stdout.strip()), max_bytes)}{OUTPUT_END}"
 
 
 def output_is_failure(stdout: str) -> bool:

@@ -23,13 +23,20 @@ class SearchConfig(ServingSecurity):
     reflection: bool = field(True, "serve gRPC server reflection (grpcurl, grpcui); off: reflection calls get UNIMPLEMENTED")
     log_level: str = field("INFO", "logging level")
     max_workers: int = field(32, "gRPC handler threads")
+    drain_grace_s: float = field(21660.0, "seconds in-flight searches get to finish after SIGTERM (a second "
+                                 "signal stops at once); at least max_wall_seconds, so no admitted search is "
+                                 "cut; the pod's terminationGracePeriodSeconds must be longer")
     # --- downstream services ---
     policy_address: str = field("127.0.0.1:50051", "PolicyService host:port")
     ppm_address: str = field("127.0.0.1:50052", "PPMService host:port")
     sandbox_address: str = field("127.0.0.1:50053", "SandboxService host:port")
     call_timeout_s: float = field(300.0, "deadline of one downstream call (capped by the request's deadline)")
-    call_retries: int = field(4, "attempts per downstream call on UNAVAILABLE (exponential backoff)")
-    retry_backoff_s: float = field(0.2, "first retry delay; doubles per attempt")
+    call_retries: int = field(0, "attempts per downstream call at most (0 = as many as retry_budget_s allows)")
+    retry_budget_s: float = field(300.0, "how long one downstream call is retried on UNAVAILABLE (sandbox: also "
+                                  "RESOURCE_EXHAUSTED, splitting the batch) from its first failure; the "
+                                  "request's deadline caps it (a policy restart takes minutes)")
+    retry_backoff_s: float = field(0.2, "first retry delay; doubles per attempt (jittered), up to retry_max_backoff_s")
+    retry_max_backoff_s: float = field(5.0, "longest delay between two attempts of a downstream call")
     health_poll_s: float = field(2.0, "how often downstream Info is polled to set health")
     downstream_token_file: str = field("", "file with the bearer token sent to policy, ppm and sandbox (scope "
                                        "internal; '' = $RSTAR_INTERNAL_TOKEN, else the local stack's token for "
@@ -59,12 +66,31 @@ class SearchConfig(ServingSecurity):
     max_concurrent_searches: int = field(4, "requests searching at once")
     max_queued_searches: int = field(16, "requests waiting for a slot before RESOURCE_EXHAUSTED")
     max_problem_chars: int = field(16384, "longest problem text accepted (INVALID_ARGUMENT beyond)")
+    # --- admission: work, prompt length, per-caller quotas, response size (docs/search.md) ---
+    max_request_work: int = field(65536, "largest rollouts x k x trees of one request (trees: Solve's "
+                                  "trajectories, Synthesize's problems); RESOURCE_EXHAUSTED beyond")
+    max_tokens_per_tree: int = field(262144, "generated tokens a request may spend per tree: its max_tokens "
+                                     "(0 = this x trees) is capped there; RESOURCE_EXHAUSTED beyond")
+    default_wall_seconds: float = field(1800.0, "wall-time limit of a request that sets none (max_wall_seconds 0)")
+    max_wall_seconds: float = field(21600.0, "largest max_wall_seconds a request may ask for")
+    max_problem_tokens: int = field(2048, "longest problem in estimated tokens (UTF-8 bytes / "
+                                    "problem_bytes_per_token); INVALID_ARGUMENT beyond")
+    problem_bytes_per_token: float = field(6.0, "bytes per token of the problem-length estimate (Qwen2.5's "
+                                           "tokenizer: 1.4-6.2 on GSM8K/MATH problems, so the estimate is "
+                                           "lenient: the policy makes the exact check)")
+    max_searches_per_caller: int = field(8, "requests one token (caller name) may have running or waiting")
+    caller_tokens_per_minute: int = field(1000000, "generated tokens a caller may spend per minute (a bucket "
+                                          "of one minute; a caller in debt is RESOURCE_EXHAUSTED)")
+    response_trajectories: int = field(16, "trajectories and alternatives a SolveResponse lists (best first; "
+                                       "trajectories_total / alternatives_total count them all)")
 
     def validate(self) -> None:
         self.validate_security()
         positive = ("rollouts", "candidates", "max_depth", "max_step_tokens", "max_rollouts", "max_candidates",
                     "max_trajectories", "max_synthesis_problems", "max_active_trees",
-                    "max_concurrent_searches", "max_problem_chars", "call_retries")
+                    "max_concurrent_searches", "max_problem_chars", "max_request_work",
+                    "max_tokens_per_tree", "max_problem_tokens", "max_searches_per_caller",
+                    "caller_tokens_per_minute", "response_trajectories")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -74,5 +100,16 @@ class SearchConfig(ServingSecurity):
             raise ConfigError("exploration and temperature must be >= 0, top_p in (0, 1]")
         if self.call_timeout_s <= 0:
             raise ConfigError("call_timeout_s must be > 0")
+        if self.call_retries < 0 or self.retry_budget_s < 0 or self.retry_backoff_s < 0 \
+                or self.retry_max_backoff_s < self.retry_backoff_s:
+            raise ConfigError("need call_retries, retry_budget_s, retry_backoff_s >= 0 and "
+                              "retry_max_backoff_s >= retry_backoff_s")
+        if self.drain_grace_s < self.max_wall_seconds:
+            raise ConfigError(f"drain_grace_s ({self.drain_grace_s:g}) must be at least max_wall_seconds "
+                              f"({self.max_wall_seconds:g}): a shutdown would cut searches it admitted")
+        if not 0 < self.default_wall_seconds <= self.max_wall_seconds:
+            raise ConfigError("need 0 < default_wall_seconds <= max_wall_seconds")
+        if not self.problem_bytes_per_token > 0:
+            raise ConfigError("problem_bytes_per_token must be > 0")
         if bool(self.downstream_tls_cert) != bool(self.downstream_tls_key):
             raise ConfigError("downstream_tls_cert and downstream_tls_key go together")

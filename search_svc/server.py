@@ -3,9 +3,13 @@
 `create_server(config, core=None)` returns the `rstar.server.Service` every
 service returns; the core is `rstar.search.core.SearchCore` (MCTS over the
 engine protocols), this module only wires it to gRPC clients and health.
-Health is SERVING only while the policy, PPM and sandbox services all answer
-Info with ready=true (`DownstreamMonitor` keeps polling and flips back to
-NOT_SERVING when one goes away).
+Health (readiness: the service "" and rstar.v1.SearchService) is SERVING only
+while the policy, PPM and sandbox services all answer Info with ready=true
+(`DownstreamMonitor` keeps polling and flips back to NOT_SERVING when one goes
+away). Liveness is the health service `LIVENESS` ("liveness"): SERVING from
+the start, whatever the downstream services do, so a policy outage takes search
+pods out of the load balancer without restarting them (a restart cannot bring
+the policy back, and would drop the searches in flight).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+
+from grpc_health.v1 import health_pb2
 
 from rstar import metrics
 from rstar.config import parse
@@ -27,6 +33,7 @@ from search_svc.servicer import SearchServicer
 log = logging.getLogger("search_svc")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+LIVENESS = "liveness"   # the health service name of the liveness probe (k8s/base/search.yaml)
 
 
 class DownstreamMonitor:
@@ -100,19 +107,21 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
                                          config.downstream_tls_ca, config.downstream_tls_cert,
                                          config.downstream_tls_key, address)
 
+    # retries with a time budget, wait_for_ready, keepalive, round_robin (rstar.clients)
+    retry = dict(retry_budget_s=config.retry_budget_s, max_backoff=config.retry_max_backoff_s)
     if core is None:
         if policy is None:
             policy = PolicyClient(config.policy_address, config.call_timeout_s, config.call_retries,
-                                  config.retry_backoff_s, security=security(config.policy_address))
+                                  config.retry_backoff_s, security=security(config.policy_address), **retry)
             clients.append(policy)
         if scorer is None:
             scorer = PPMClient(config.ppm_address, config.call_timeout_s, config.call_retries,
-                               config.retry_backoff_s, security=security(config.ppm_address))
+                               config.retry_backoff_s, security=security(config.ppm_address), **retry)
             clients.append(scorer)
         if executor is None:
             executor = SandboxClient(config.sandbox_address, config.call_timeout_s, config.call_retries,
                                      config.retry_backoff_s, wall_seconds=config.execution_wall_s,
-                                     security=security(config.sandbox_address))
+                                     security=security(config.sandbox_address), **retry)
             clients.append(executor)
         if store is None:
             from rstar.store import open_store
@@ -129,6 +138,9 @@ def create_server(config: SearchConfig, core: SearchCore | None = None, *, polic
     handle = create_grpc_server("search", register, config.host, config.port, max_workers=config.max_workers,
                                 reflection=config.reflection, security=ServerSecurity.from_config(config),
                                 max_message_bytes=PUBLIC_MAX_MESSAGE_BYTES)
+    # liveness = this process answers (on the health port too: the same health servicer);
+    # readiness ("" and SERVICE_NAME) follows the downstream services below
+    handle.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     watched = [c for c in (core.policy, core.scorer, core.executor) if c is not None and hasattr(c, "info")]
     monitor = DownstreamMonitor(watched, handle, config.health_poll_s)
     servicer.info = monitor.info
@@ -164,7 +176,7 @@ def main(argv=None) -> int:
     log.info("search: policy=%s ppm=%s sandbox=%s, default budget %d rollouts x k=%d, depth %d",
              config.policy_address, config.ppm_address, config.sandbox_address, config.rollouts,
              config.candidates, config.max_depth)
-    serve(service)
+    serve(service, grace=config.drain_grace_s)   # in-flight searches finish (k8s: terminationGracePeriodSeconds)
     return 0
 
 

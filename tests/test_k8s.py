@@ -230,8 +230,12 @@ def test_grpc_health_probes_and_ports(overlay):
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         probe_port = HEALTH_PORT if overlay == "gpu-prod" else port   # TLS ports: the plaintext health port
         assert ports == {"grpc": port, "metrics": mport, **({"health": HEALTH_PORT} if probe_port != port else {})}
+        # search: liveness (and startup) probe the health service "liveness", which does not follow the
+        # downstream services, so a policy outage does not restart search pods; readiness follows them
+        live_service = {"service": "liveness"} if svc == "search" else {}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": probe_port}, (svc, probe)
+            want = {"port": probe_port, **(live_service if probe != "readinessProbe" else {})}
+            assert c[probe]["grpc"] == want, (svc, probe)
         # liveness must be more tolerant than readiness (a hot-reload drain is not a dead process)
         live, ready = c["livenessProbe"], c["readinessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
@@ -333,6 +337,25 @@ def test_sandbox_has_no_egress_and_admits_only_search(overlay):
             assert all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"} for p in peers)
     pod = one(overlay, "Deployment", "sandbox")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_sandbox_scratch_volume_holds_every_run_at_its_disk_cap(overlay):
+    """Runs write under scratch_root (/tmp): a disk-backed emptyDir over its sizeLimit evicts the pod,
+    so it holds max_concurrent runs at their disk cap (rstar/sandbox/scratch.py) with room (x4) for
+    the overshoot between two scans of an unprivileged pod."""
+    from rstar.config import build
+    from rstar.sandbox.config import SandboxConfig
+
+    cfg = build(SandboxConfig, "SANDBOX", env=_config_data(overlay, "rstar-config"))
+    pod = one(overlay, "Deployment", "sandbox")["spec"]["template"]["spec"]
+    mount = next(m for m in container_of(overlay, "sandbox")["volumeMounts"]
+                 if m["mountPath"] == (cfg.scratch_root or "/tmp"))
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    size = vol["emptyDir"]["sizeLimit"]
+    units = {"Mi": 1 << 20, "Gi": 1 << 30}
+    limit = int(size[:-2]) * units[size[-2:]]
+    assert limit >= 4 * cfg.max_concurrent * cfg.disk_bytes, (overlay, size, cfg.max_concurrent, cfg.disk_bytes)
+    assert not cfg.allow_unisolated, "a pod must refuse to start when no layer hides the service's memory"
 
 
 def _stage_pod_labels() -> dict:
@@ -483,12 +506,40 @@ def test_config_keys_are_real_fields_with_valid_values(overlay):
             assert env[f"RSTAR_{svc.upper()}_METRICS_HOST"] == "0.0.0.0", "Prometheus scrapes the pod IP"
             assert build(classes[svc.upper()], svc.upper(), env={}).metrics_host == "127.0.0.1"
     for dep, (port, _m) in SERVICES.items():
-        if dep != "search":
-            assert env[f"RSTAR_SEARCH_{dep.upper()}_ADDRESS"] == f"{dep}:{port}"
+        if dep != "search":   # dns:/// over the headless Service: round_robin over its pods
+            assert env[f"RSTAR_SEARCH_{dep.upper()}_ADDRESS"] == f"dns:///{dep}:{port}"
     # credentials never sit in a ConfigMap
     for cm in objs(overlay, "ConfigMap"):
         for k in cm.get("data", {}):
             assert not re.search(r"(SECRET_KEY|PASSWORD|ACCESS_KEY|TOKEN)$", k), f"{cm['metadata']['name']}: {k}"
+
+
+def test_downstream_services_are_headless_and_searched_over_dns(overlay):
+    """policy, ppm and sandbox resolve to their pods (headless), and every client of them dials the
+    name through DNS, so round_robin spreads the calls of each search pod over every replica."""
+    env = {**_config_data(overlay, "rstar-config"), **_config_data(overlay, "rstar-evolution")}
+    for dep, (port, _m) in SERVICES.items():
+        spec = one(overlay, "Service", dep)["spec"]
+        if dep == "search":   # called by users through a load balancer / ingress: a virtual IP
+            assert spec.get("clusterIP") != "None"
+            continue
+        assert spec["clusterIP"] == "None" and spec.get("type", "ClusterIP") == "ClusterIP", dep
+        assert spec.get("publishNotReadyAddresses") is not True, f"{dep}: a loading pod must not be dialled"
+        for client in ("SEARCH", "EVOLVE"):
+            assert env[f"RSTAR_{client}_{dep.upper()}_ADDRESS"] == f"dns:///{dep}:{port}"
+
+
+def test_search_drain_grace_covers_its_searches_and_fits_the_termination_grace(overlay):
+    """After SIGTERM the search pod drains for `drain_grace_s` (at least its longest admitted search);
+    kubelet must not SIGKILL it before: terminationGracePeriodSeconds is longer."""
+    from rstar.config import build
+    from search_svc.config import SearchConfig
+
+    cfg = build(SearchConfig, "SEARCH", env=_config_data(overlay, "rstar-config"))
+    pod = one(overlay, "Deployment", "search")["spec"]["template"]["spec"]
+    assert cfg.max_wall_seconds <= cfg.drain_grace_s < pod["terminationGracePeriodSeconds"]
+    assert pod["terminationGracePeriodSeconds"] - cfg.drain_grace_s >= 30, "a margin for the process to exit"
+    assert cfg.drain_grace_s <= 2 * 3600, "a drain of hours blocks node drains and rollouts"
 
 
 def _secret_refs(pod: dict) -> set[str]:

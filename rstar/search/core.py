@@ -4,8 +4,9 @@
 the request seed) in one engine run and selects the answer; `SearchCore.synthesize`
 runs a problem list with gold answers and stores each tree in the trajectory
 store as it finishes, then the whole shard (see its docstring). `Admission`
-bounds concurrent searches and the wait queue. Everything downstream (policy,
-PPM, sandbox, store) is injected.
+bounds concurrent searches and the wait queue; `CallerQuotas` bounds what one
+caller (a token's name) may hold: requests at once and generated tokens per
+minute. Everything downstream (policy, PPM, sandbox, store) is injected.
 """
 
 from __future__ import annotations
@@ -129,6 +130,88 @@ class Admission:
     def _publish(self) -> None:
         metrics.SEARCH_ACTIVE.set(self.running)
         metrics.SEARCH_QUEUE_DEPTH.set(self.waiting)
+
+
+class CallerQuotas:
+    """Per caller: at most `searches` requests at once (running or queued), and a bucket of
+    generated tokens that holds one minute's worth and refills at `tokens_per_minute`.
+
+    A search's cost is known only as it runs, so tokens are charged as they are generated
+    (`CallerTicket.charge_to`) and the bucket may go into debt; a caller whose bucket is
+    empty or in debt is refused (`Busy`) until it refills. A running search is never
+    stopped by the quota: its own `max_tokens` bounds it.
+    """
+
+    def __init__(self, searches: int, tokens_per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.searches, self.rate = searches, tokens_per_minute / 60.0
+        self.capacity = float(tokens_per_minute)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+        self._level: dict[str, tuple[float, float]] = {}   # caller -> (tokens left, when)
+
+    def _left(self, caller: str, now: float) -> float:
+        level, when = self._level.get(caller, (self.capacity, now))
+        return min(self.capacity, level + (now - when) * self.rate)
+
+    def admit(self, caller: str) -> "CallerTicket":
+        with self._lock:
+            running = self._running.get(caller, 0)
+            if running >= self.searches:
+                raise Busy(f"caller {caller or '(anonymous)'} has {running} searches in flight, "
+                           f"the limit is {self.searches}")
+            left = self._left(caller, self._clock())
+            if left <= 0:
+                raise Busy(f"caller {caller or '(anonymous)'} spent its generated-token quota "
+                           f"({self.capacity:.0f} a minute); retry in {-left / self.rate + 1:.0f} s")
+            self._running[caller] = running + 1
+        return CallerTicket(self, caller)
+
+    def _charge(self, caller: str, tokens: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._level[caller] = (self._left(caller, now) - tokens, now)
+
+    def _release(self, caller: str) -> None:
+        with self._lock:
+            n = self._running.get(caller, 0) - 1
+            if n > 0:
+                self._running[caller] = n
+            else:
+                self._running.pop(caller, None)
+                if self._left(caller, self._clock()) >= self.capacity:
+                    self._level.pop(caller, None)   # a full bucket is the default: keep no state for it
+
+    def in_flight(self, caller: str) -> int:
+        with self._lock:
+            return self._running.get(caller, 0)
+
+
+class CallerTicket:
+    """One admitted request of a caller: charge its tokens as they come, release it once."""
+
+    def __init__(self, quotas: CallerQuotas, caller: str):
+        self.quotas, self.caller = quotas, caller
+        self.charged = 0
+        self._released = False
+
+    def charge_to(self, total_tokens: int) -> None:
+        """The request has generated `total_tokens` so far: charge what was not charged yet."""
+        delta = total_tokens - self.charged
+        if delta > 0:
+            self.charged = total_tokens
+            self.quotas._charge(self.caller, delta)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.quotas._release(self.caller)
+
+    def __enter__(self) -> "CallerTicket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _export_stats(stats: Stats, mode: str) -> None:

@@ -149,7 +149,7 @@ class SearchStats(_message.Message):
     def __init__(self, rollouts: _Optional[int] = ..., nodes: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., executions: _Optional[int] = ..., policy_calls: _Optional[int] = ..., ppm_calls: _Optional[int] = ..., sandbox_calls: _Optional[int] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., trees: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
-    __slots__ = ("answer", "trajectory", "alternatives", "trajectories", "stats", "model_versions", "strategy")
+    __slots__ = ("answer", "trajectory", "alternatives", "trajectories", "stats", "model_versions", "strategy", "trajectories_total", "alternatives_total")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
     ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,8 @@ class SolveResponse(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TRAJECTORIES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     answer: str
     trajectory: Trajectory
     alternatives: _containers.RepeatedCompositeFieldContainer[Alternative]
@@ -164,7 +166,9 @@ class SolveResponse(_message.Message):
     stats: SearchStats
     model_versions: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelVersion]
     strategy: str
-    def __init__(self, answer: _Optional[str] = ..., trajectory: _Optional[_Union[Trajectory, _Mapping]] = ..., alternatives: _Optional[_Iterable[_Union[Alternative, _Mapping]]] = ..., trajectories: _Optional[_Iterable[_Union[Trajectory, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., model_versions: _Optional[_Iterable[_Union[_common_pb2.ModelVersion, _Mapping]]] = ..., strategy: _Optional[str] = ...) -> None: ...
+    trajectories_total: int
+    alternatives_total: int
+    def __init__(self, answer: _Optional[str] = ..., trajectory: _Optional[_Union[Trajectory, _Mapping]] = ..., alternatives: _Optional[_Iterable[_Union[Alternative, _Mapping]]] = ..., trajectories: _Optional[_Iterable[_Union[Trajectory, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., model_versions: _Optional[_Iterable[_Union[_common_pb2.ModelVersion, _Mapping]]] = ..., strategy: _Optional[str] = ..., trajectories_total: _Optional[int] = ..., alternatives_total: _Optional[int] = ...) -> None: ...
 
 class SolveProgress(_message.Message):
     __slots__ = ("rollouts_done", "rollouts_total", "best_answer", "best_score", "generated_tokens", "executions", "elapsed_seconds")
