@@ -267,6 +267,8 @@ class SolveResult(_Record):
     stats: SearchStats
     model_versions: dict[str, str]      # {"policy": ..., "ppm": ...}: the versions that produced it
     raw: Any = field(default=None, repr=False, compare=False)   # the SolveResponse (escape hatch)
+    trajectories_total: int = 0   # finished trajectories found (the response lists the best few)
+    alternatives_total: int = 0   # distinct answers found (likewise)
 
     @classmethod
     def from_proto(cls, r: search_pb2.SolveResponse) -> "SolveResult":
@@ -276,7 +278,10 @@ class SolveResult(_Record):
                    alternatives=[Alternative(a.answer, a.votes, a.best_score, a.weighted_score)
                                  for a in r.alternatives],
                    trajectories=[Trajectory.from_proto(x) for x in r.trajectories],
-                   stats=SearchStats.from_proto(r.stats), model_versions=_versions(r.model_versions), raw=r)
+                   stats=SearchStats.from_proto(r.stats), model_versions=_versions(r.model_versions), raw=r,
+                   # a server older than the totals sends 0: the lists are then complete
+                   trajectories_total=max(r.trajectories_total, len(r.trajectories)),
+                   alternatives_total=max(r.alternatives_total, len(r.alternatives)))
 
 
 @dataclass(frozen=True)

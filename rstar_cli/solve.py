@@ -238,7 +238,7 @@ def tree_summary(result: SolveResult, st: _Style | None = None) -> list[str]:
         lines.append(f"  nodes per depth on {where}: " + "  ".join(f"d{d}={k}" for d, k in depths.items()))
     if result.alternatives:
         shown = result.alternatives[:MAX_ANSWERS_SHOWN]
-        lines.append(f"  answers found: {len(result.alternatives)}")
+        lines.append(f"  answers found: {max(result.alternatives_total, len(result.alternatives))}")
         width = max(len(a.answer) for a in shown)
         for a in shown:
             chosen = "  <- chosen" if a.answer == result.answer else ""

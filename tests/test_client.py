@@ -428,3 +428,15 @@ def test_json_of_the_raw_response_is_the_services_message(serve):
         result = client.solve(PROBLEM, rollouts=2, seed=1)
     parsed = json_format.Parse(json_format.MessageToJson(result.raw), search_pb2.SolveResponse())
     assert parsed == result.raw and SolveResult.from_proto(parsed) == result
+
+
+def test_solve_result_carries_the_totals_beyond_the_listed_trajectories():
+    from rstar.client import SolveResult
+    from rstar.v1 import search_pb2
+
+    r = search_pb2.SolveResponse(answer="4", alternatives=[search_pb2.Alternative(answer="4", votes=3)],
+                                 alternatives_total=7, trajectories_total=40)
+    res = SolveResult.from_proto(r)
+    assert (res.alternatives_total, res.trajectories_total) == (7, 40)
+    old = SolveResult.from_proto(search_pb2.SolveResponse(alternatives=[search_pb2.Alternative(answer="1")]))
+    assert old.alternatives_total == 1   # a server without totals: the list is the whole
