@@ -8,7 +8,8 @@ after `fork()`, never returns:
    session; only its pipes on fds 0-4 (job, stdout, stderr, status, /dev/null);
    its scratch directory as cwd, HOME and TMPDIR; the clean `SAFE_ENV`; `sys.path`
    cut to the readable interpreter directories; the `rstar` modules dropped from
-   `sys.modules`; then each requested isolation layer (`rstar.sandbox.isolation`).
+   `sys.modules`; then each requested isolation layer (`rstar.sandbox.isolation`;
+   for `pidns` the fork server has already forked it into its PID namespace).
 2. Report on the status pipe (`rstar.sandbox.protocol`): one JSON line with the
    layers entered, or an error and exit `EXIT_SETUP_FAILED`. A probe worker
    (strict=False: a layer that fails is reported, not fatal) exits here.
@@ -47,14 +48,16 @@ class _Entered(NamedTuple):
 
 
 def worker_main(fds: dict[str, int], scratch: str, layers: list[str], strict: bool, readable: list[str],
-                can_switch_uid: bool, namespaces_error: str | None) -> NoReturn:
+                can_switch_uid: bool, namespaces_error: str | None, pidns_error: str | None) -> NoReturn:
     """Enter the isolation layers, report ready, read one job, run it, exit. Never returns.
 
     `namespaces_error` is None when the fork server entered its namespaces (the
-    worker inherits them), else why it could not.
+    worker inherits them), else why it could not; `pidns_error` likewise for the
+    PID namespace the fork server forked this worker into.
     """
     try:
-        entered = _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid, namespaces_error)
+        entered = _enter_sandbox(fds, scratch, layers, strict, readable, can_switch_uid, namespaces_error,
+                                 pidns_error)
     except BaseException as e:  # noqa: BLE001
         try:
             os.write(3, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
@@ -67,7 +70,7 @@ def worker_main(fds: dict[str, int], scratch: str, layers: list[str], strict: bo
 
 
 def _enter_sandbox(fds: dict[str, int], scratch: str, layers: list[str], strict: bool, readable: list[str],
-                   can_switch_uid: bool, namespaces_error: str | None) -> _Entered:
+                   can_switch_uid: bool, namespaces_error: str | None, pidns_error: str | None) -> _Entered:
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too-large files fail with EFBIG instead of killing
@@ -103,6 +106,10 @@ def _enter_sandbox(fds: dict[str, int], scratch: str, layers: list[str], strict:
             elif layer == "namespaces":
                 if namespaces_error is not None:
                     raise isolation.LayerUnavailable(namespaces_error)
+            elif layer == "pidns":
+                if pidns_error is not None:
+                    raise isolation.LayerUnavailable(pidns_error)
+                isolation.apply_private_proc()
             elif layer == "unprivileged":
                 info["unprivileged_mode"] = isolation.apply_unprivileged(scratch, can_switch_uid)
             elif layer == "landlock":

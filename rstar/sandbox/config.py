@@ -28,12 +28,18 @@ class SandboxConfig(ServingSecurity):
     memory_bytes: int = field(256 * MiB, "default memory limit (address space added on top of the warm worker)")
     output_bytes: int = field(64 * 1024, "default cap on stdout + stderr of one program")
     file_bytes: int = field(16 * MiB, "largest file a program may write in its scratch directory")
+    disk_bytes: int = field(64 * MiB, "disk cap of one run: bytes in its scratch directory in all (beyond it the "
+                            "run is ended, failure KILLED); a tmpfs of this size where the fork server may mount")
+    disk_files: int = field(1024, "disk cap of one run: files and directories in its scratch directory")
     max_wall_seconds: float = field(60.0, "largest wall-time limit a request may ask for")
     max_memory_bytes: int = field(4096 * MiB, "largest memory limit a request may ask for")
     max_output_bytes: int = field(16 * MiB, "largest output cap a request may ask for")
     layers: list = field(list(LAYERS), "isolation layers to use where they work (rlimits, namespaces, "
-                         "unprivileged, landlock, seccomp)")
+                         "pidns, unprivileged, landlock, seccomp)")
     require_layers: list = field(["rlimits", "seccomp"], "layers without which the service refuses to start")
+    allow_unisolated: bool = field(False, "start even when no active layer set hides other processes (landlock, or "
+                                   "pidns with seccomp or unprivileged): programs could then read the service's "
+                                   "environment and memory; for debugging only")
     scratch_root: str = field("", "directory for per-execution scratch directories (default: the system temp dir)")
     start_timeout: float = field(120.0, "seconds to wait for the warm pool at start")
     log_level: str = field("INFO", "logging level")
@@ -41,7 +47,7 @@ class SandboxConfig(ServingSecurity):
     def validate(self) -> None:
         self.validate_security()
         for name in ("pool_size", "max_concurrent", "max_programs", "max_code_bytes", "memory_bytes",
-                     "output_bytes", "file_bytes"):
+                     "output_bytes", "file_bytes", "disk_bytes", "disk_files"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_queue < 0:

@@ -13,9 +13,13 @@ SIGCHLD wakeup fd) that:
 - queues jobs from the control socket, hands each to exactly one idle worker
   (`max_concurrent` at most running), which exits afterwards, so nothing leaks
   between runs;
-- enforces the wall-time limit and the output cap from outside the worker
-  (SIGKILL to its process group), honours cancels, reaps every child, deletes
-  each worker's scratch directory, and classifies how each run ended (`classify`);
+- forks each worker into a PID namespace of its own when `pidns` is wanted
+  (`isolation.PidNamespaces`), with a scratch directory of its own that is a
+  size-capped tmpfs where the fork server may mount (`rstar.sandbox.scratch`);
+- enforces the wall-time limit, the output cap and the disk cap from outside the
+  worker (SIGKILL to its process group), honours cancels, reaps every child,
+  removes each worker's scratch directory, and classifies how each run ended
+  (`classify`);
 - reports results, pool stats and fatal errors to the service.
 
 What it does not do: run untrusted code or apply isolation to itself beyond the
@@ -41,6 +45,7 @@ import tempfile
 import time
 
 from rstar.sandbox import isolation
+from rstar.sandbox.scratch import POLL_SECONDS, Scratch, enter_private_mounts
 from rstar.sandbox.child import worker_main
 from rstar.sandbox.protocol import (EXIT_MEMORY, EXIT_SETUP_FAILED, READ_CHUNK, FrameReader, read_all,
                                     send_frame, write_all)
@@ -85,8 +90,11 @@ def preload() -> list[str]:
 class Worker:
     """The fork server's view of one forked worker: its pipes, its job, what it printed, how it ended."""
 
-    def __init__(self, pid: int, scratch: str, job_w: int, out_r: int, err_r: int, st_r: int):
+    def __init__(self, pid: int, scratch: str, job_w: int, out_r: int, err_r: int, st_r: int,
+                 holder: tuple[int, int] | None):
         self.pid, self.scratch = pid, scratch
+        # (pid, pipe fd) of the init of its PID namespace; closing the pipe ends it
+        self.holder_pid, self.holder_w = holder if holder is not None else (0, -1)
         self.job_w, self.out_r, self.err_r, self.st_r = job_w, out_r, err_r, st_r
         self.status_buf = b""
         self.ready = False
@@ -104,13 +112,17 @@ class Worker:
 class ForkServer:
     """The warm pool and the selector loop around it; `cfg` is the JSON config the pool passes in argv."""
 
-    def __init__(self, sock: socket.socket, cfg: dict, namespaces_error: str | None):
+    def __init__(self, sock: socket.socket, cfg: dict, namespaces_error: str | None, mounts_error: str | None):
         self.sock = sock
         self.namespaces_error = namespaces_error  # None: namespaces entered (workers inherit them)
         self.pool_size = int(cfg["pool_size"])
         self.max_concurrent = int(cfg["max_concurrent"])
         self.base = tempfile.mkdtemp(prefix="rstar-sandbox-", dir=cfg.get("scratch_root") or None)
         os.chmod(self.base, 0o711)
+        self.scratch = Scratch(self.base, int(cfg["disk_bytes"]), int(cfg["disk_files"]), tmpfs=mounts_error is None)
+        self.mounts_error = mounts_error
+        self.pidns = isolation.PidNamespaces() if "pidns" in cfg["layers"] else None
+        self.last_disk_check = 0.0
         self.readable = isolation.read_only_paths()
         # uid 65534 only if it can still import from the interpreter's directories
         self.can_switch_uid = (
@@ -157,6 +169,8 @@ class ForkServer:
             timeout = None
             if self.deadlines:
                 timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
+            if self.running:
+                timeout = min(timeout if timeout is not None else POLL_SECONDS, POLL_SECONDS)
             for key, _ in self.sel.select(timeout):
                 kind, w = key.data
                 if kind == "control":
@@ -172,6 +186,7 @@ class ForkServer:
                     self._on_output(w, kind)
             self._reap()
             self._expire()
+            self._check_disk()
             self._dispatch()
             self._refill()
             self._send_stats()
@@ -190,21 +205,32 @@ class ForkServer:
 
     # --------------------------------------------------------------- workers
     def _fork(self, layers: list[str], strict: bool) -> Worker:
-        scratch = tempfile.mkdtemp(prefix="run-", dir=self.base)
+        scratch = self.scratch.create()
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
-        pid = os.fork()
+        holder, pidns_error = None, "disabled by configuration"
+        if "pidns" in layers and self.pidns is not None:
+            try:
+                holder, pidns_error = self.pidns.enter(), None
+            except (isolation.LayerUnavailable, OSError) as e:
+                pidns_error = str(e)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if holder is not None and pid != 0:  # the parent only: the child stays where it was born
+                self.pidns.leave()
         if pid == 0:
             try:
                 worker_main({"job": job_r, "out": out_w, "err": err_w, "status": st_w}, scratch, layers, strict,
-                            self.readable, self.can_switch_uid, self.namespaces_error)
+                            self.readable, self.can_switch_uid, self.namespaces_error, pidns_error)
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         for fd in (job_r, out_w, err_w, st_w):
             os.close(fd)
-        w = Worker(pid, scratch, job_w, out_r, err_r, st_r)
+        w = Worker(pid, scratch, job_w, out_r, err_r, st_r, holder)
         self.workers[pid] = w
         return w
 
@@ -344,6 +370,8 @@ class ForkServer:
             return
         job, w.job = w.job, None
         self.running.pop(w.pid, None)
+        if w.killed_for is None and w.exit_status != 0 and self.scratch.exceeded(w.scratch):
+            w.killed_for = "disk"  # it died of ENOSPC (or of what it did about it) before the next check
         failure, code = classify(w.exit_status, w.killed_for)
         result = {
             "op": "result", "id": job["id"], "stdout": w.out.decode("utf-8", "replace"),
@@ -354,6 +382,8 @@ class ForkServer:
             result["stderr"] += f"\n[sandbox] killed after the wall-time limit of {job['wall']:g} s\n"
         elif failure == "output_limit":
             result["stderr"] += f"\n[sandbox] killed: output exceeded {w.cap} bytes\n"
+        elif w.killed_for == "disk":
+            result["stderr"] += f"\n[sandbox] killed: files written exceeded the disk cap ({self.scratch.describe()})\n"
         self._discard(w)
         self._send(result)
 
@@ -365,9 +395,11 @@ class ForkServer:
                 except (KeyError, ValueError):
                     pass
                 os.close(fd)
-        w.job_w = w.out_r = w.err_r = w.st_r = -1
-        self.workers.pop(w.pid, None)
-        shutil.rmtree(w.scratch, ignore_errors=True)
+        if w.holder_w >= 0:
+            os.close(w.holder_w)  # the holder exits, which ends the PID namespace (reaped as a stranger)
+        w.job_w = w.out_r = w.err_r = w.st_r = w.holder_w = -1
+        if self.workers.pop(w.pid, None) is not None:
+            self.scratch.remove(w.scratch)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -377,6 +409,16 @@ class ForkServer:
             if w is not None and w.killed_for is None and w.deadline <= now:
                 w.killed_for = "timeout"
                 _kill(pid)
+
+    def _check_disk(self) -> None:
+        now = time.monotonic()
+        if not self.running or now - self.last_disk_check < POLL_SECONDS:
+            return
+        self.last_disk_check = now
+        for w in self.running.values():
+            if w.killed_for is None and w.exit_status is None and self.scratch.exceeded(w.scratch, w.pid):
+                w.killed_for = "disk"
+                _kill(w.pid)
 
     # --------------------------------------------------------------- control
     def _on_control(self) -> None:
@@ -431,6 +473,8 @@ def classify(status: int, killed_for: str | None) -> tuple[str, int]:
         return "timeout", -signal.SIGKILL
     if killed_for == "cancel":
         return "killed", -signal.SIGKILL
+    if killed_for == "disk":  # a sandbox rule ended it: KILLED, with the reason on stderr
+        return "killed", -signal.SIGKILL if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         return ("timeout" if sig == signal.SIGXCPU else "killed"), -sig
@@ -467,14 +511,19 @@ def main() -> None:
             namespaces_error = None
         except isolation.LayerUnavailable as e:
             namespaces_error = str(e)
+    mounts_error = enter_private_mounts()  # after the user namespace: it grants the right to mount
+    if mounts_error is not None:
+        log.warning("sandbox scratch directories are not tmpfs (%s): the disk cap is enforced by scanning",
+                    mounts_error)
     isolation.preload_seccomp()  # libseccomp is found via ldconfig: impossible once a worker is isolated
-    server = ForkServer(sock, cfg, namespaces_error)
+    server = ForkServer(sock, cfg, namespaces_error, mounts_error)
     try:
         probe = server.probe([layer for layer in isolation.LAYERS if layer in cfg["layers"]])
         server.layers = probe.get("layers", [])
         send_frame(sock, {"op": "hello", "pid": os.getpid(), "layers": server.layers,
                           "errors": probe.get("errors", {}), "landlock_abi": probe.get("landlock_abi", 0),
                           "unprivileged_mode": probe.get("unprivileged_mode", ""), "preloaded": loaded,
+                          "scratch": server.scratch.mode, "disk_cap": server.scratch.describe(),
                           "python": sys.version.split()[0]})
         server.run()
     except BaseException:

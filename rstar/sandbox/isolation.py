@@ -20,6 +20,11 @@ Layers:
 - `namespaces`: new network (no interfaces but a down loopback), IPC and UTS
   namespaces (a user namespace first when not root), entered once by the fork
   server and inherited by every worker.
+- `pidns`: each worker in a PID namespace of its own (pid 2 under a holder
+  init, forked by the fork server: `PidNamespaces`) and a mount namespace of its
+  own with an empty read-only tmpfs over `/proc`: no other process has a pid it
+  could name, and no procfs shows any (a fresh procfs would also unmask
+  `/proc/kcore` & co. that container runtimes hide, hence the empty tmpfs).
 - `unprivileged`: drop to uid/gid 65534 when root and the interpreter stays
   readable, else drop every capability.
 """
@@ -33,7 +38,7 @@ import resource
 import sys
 import sysconfig
 
-LAYERS = ("rlimits", "namespaces", "unprivileged", "landlock", "seccomp")
+LAYERS = ("rlimits", "namespaces", "pidns", "unprivileged", "landlock", "seccomp")
 
 NOBODY = 65534
 
@@ -71,6 +76,8 @@ def current_address_space() -> int:
 
 
 # ---------------------------------------------------------------- namespaces
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -98,6 +105,101 @@ def apply_namespaces() -> None:
                     f.write(text)
             except OSError as e:
                 raise LayerUnavailable(f"user namespace mapping {path}: {e}") from e
+
+
+class PidNamespaces:
+    """The fork server's side of `pidns`: a fresh PID namespace for each worker it forks.
+
+    unshare(CLONE_NEWPID) only redirects the caller's *future* children, and a
+    second unshare fails until the caller re-enters its own namespace with setns,
+    which needs CAP_SYS_ADMIN over it: root in the initial user namespace (a
+    fork server in a user namespace of its own cannot, so the layer is root-only).
+    The first child forked into a new namespace is its init, for which the
+    kernel ignores signals the process sends itself (`os.kill(os.getpid(),
+    SIGKILL)` would do nothing); so a small holder is forked first as init and
+    the worker second, as pid 2. The holder blocks on a pipe the fork server
+    closes when the worker is gone; its exit tears the namespace down.
+    """
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self._own = -1
+        if os.geteuid() != 0:
+            self.error = "a PID namespace per run needs root (setns back into the fork server's namespace)"
+            return
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        if _libc.setns(self._own, CLONE_NEWPID) != 0:  # the reset `leave` needs, tried before relying on it
+            err = ctypes.get_errno()
+            self.error = f"setns(own PID namespace): {os.strerror(err)} (errno {err})"
+
+    def enter(self) -> tuple[int, int]:
+        """Make the next fork land in a new PID namespace, as pid 2; returns (holder pid, holder pipe fd).
+
+        The caller forks its worker next and then calls `leave`, whatever happens.
+        """
+        if self.error is not None:
+            raise LayerUnavailable(self.error)
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        r, w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            self.leave()
+            os.close(r)
+            os.close(w)
+            raise
+        if pid == 0:
+            _hold(r)
+        os.close(r)
+        return pid, w
+
+    def leave(self) -> None:
+        """Back to the fork server's own namespace for its next children."""
+        if _libc.setns(self._own, CLONE_NEWPID) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns(own PID namespace): {os.strerror(err)}")
+
+
+def _hold(r: int) -> None:
+    """The holder init of one worker's PID namespace: wait until the fork server closes the pipe, exit."""
+    try:
+        import signal
+
+        set_parent_death_signal(signal.SIGKILL)
+        os.closerange(0, r)
+        os.closerange(r + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.read(r, 1)
+    finally:
+        os._exit(0)
+
+
+def apply_private_proc() -> None:
+    """In a worker that is in its own PID namespace: own mount namespace, `/proc` covered by an empty tmpfs."""
+    if os.getpid() != 2:
+        raise LayerUnavailable("not in a PID namespace of its own")
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    for args, what in (((None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount / private"),
+                       ((b"none", b"/proc", b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                         b"size=4k,nr_inodes=2,mode=555"), "mount empty tmpfs on /proc")):
+        _check(_libc.mount(args[0], args[1], args[2], ctypes.c_ulong(args[3]), args[4]), what)
+
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
+
+
+def processes_hidden(layers: list[str]) -> bool:
+    """Whether a program under these active layers can read no other process's environment or memory.
+
+    - `landlock`: no path under /proc is allowed, and Landlock confines ptrace-class
+      access (ptrace, process_vm_readv, /proc/<pid>/mem, environ) to processes in
+      the same or a nested domain: every worker is its own domain, the service none.
+    - `pidns` with `seccomp` or `unprivileged`: no other process has a pid in the
+      worker's namespace and its /proc is empty; seccomp (no umount/mount) or the
+      dropped capabilities keep the program from uncovering the real /proc.
+    Anything else (e.g. `rlimits,seccomp` as root or as the service's uid) leaves
+    /proc/<service pid>/environ readable.
+    """
+    return "landlock" in layers or ("pidns" in layers and ("seccomp" in layers or "unprivileged" in layers))
 
 
 # ---------------------------------------------------------------- privileges

@@ -12,9 +12,12 @@ Contract, per execution:
   variables of the service); its own empty scratch directory as cwd, HOME and
   TMPDIR, deleted afterwards; no inherited file descriptors but its pipes; a
   wall-time limit enforced from outside (SIGKILL) plus a CPU-time rlimit; an
-  address-space limit (MemoryError -> MEMORY); a file-size limit; an output cap
-  on stdout + stderr enforced by the reader (the program is killed, output
-  truncated); the service never waits on a program past its limits.
+  address-space limit (MemoryError -> MEMORY); a file-size limit; a disk cap
+  on its scratch directory (`disk_bytes`, `disk_files`: a tmpfs of that size
+  where the fork server may mount, else scanned; past it the run is killed,
+  KILLED with "disk cap" on stderr); an output cap on stdout + stderr enforced
+  by the reader (the program is killed, output truncated); the service never
+  waits on a program past its limits.
 - With the `seccomp` layer (PyPI pyseccomp + libseccomp.so.2): no sockets at
   all (no network, no unix sockets), no fork/exec (no os.system, subprocess,
   fork bombs), no signals to any other process, no ptrace, mounts, namespaces,
@@ -24,16 +27,22 @@ Contract, per execution:
   reading /etc, /proc, the service's source, secrets or other runs' files, no
   writing anywhere else; with ABI >= 4 no TCP, with ABI >= 6 no signals out.
 - With `namespaces`: a private network namespace (no interfaces), IPC and UTS.
+- With `pidns` (root): its own PID namespace (pid 2, nothing else visible) and
+  an empty /proc.
 - With `unprivileged`: uid 65534 (when root and the interpreter is readable
   by it) or, failing that, no capabilities at all.
 The service detects which layers work at start, logs them, exports
 `rstar_sandbox_isolation_layer{layer}` and `Info.details`, and refuses to start
-without the layers in `require_layers`.
+without the layers in `require_layers`, or when no active layer set hides other
+processes (`isolation.processes_hidden`: landlock, or pidns with seccomp or
+unprivileged), unless `allow_unisolated`: then a program could read the
+environment and memory of the service's processes.
 
 Not guaranteed: protection against kernel exploits (the kernel is shared: use
 the gVisor runtime class in Kubernetes for that); CPU fairness beyond the
-concurrency limit; total disk use in the scratch directory beyond the per-file
-limit times the time limit; a program may misreport its own failure kind (e.g.
+concurrency limit; a disk cap without overshoot when scratch directories are
+scanned (what a program writes between two scans, 0.1 s); a program may
+misreport its own failure kind (e.g.
 `sys.exit(249)` reads as MEMORY) but cannot affect any other run. In
 Kubernetes the deployment adds a NetworkPolicy with no egress, a non-root user,
 a read-only root filesystem with an emptyDir scratch, pod memory/CPU limits
@@ -59,7 +68,7 @@ from typing import Callable, Sequence
 from rstar import metrics
 
 from rstar.sandbox.config import SandboxConfig
-from rstar.sandbox.isolation import LAYERS
+from rstar.sandbox.isolation import LAYERS, processes_hidden
 from rstar.sandbox.protocol import SAFE_ENV, FrameReader, send_frame
 
 log = logging.getLogger("rstar.sandbox")
@@ -157,6 +166,18 @@ class Sandbox:
             detail = "; ".join(f"{k}: {self.state.errors.get(k, 'not attempted')}" for k in missing)
             self.close()
             raise IsolationTooWeak(f"required isolation layers unavailable: {detail}")
+        if not processes_hidden(self.state.layers):
+            detail = "; ".join(f"{k}: {self.state.errors.get(k, 'disabled by configuration')}"
+                               for k in ("landlock", "pidns", "seccomp", "unprivileged") if k not in self.state.layers)
+            if not self.config.allow_unisolated:
+                self.close()
+                raise IsolationTooWeak(
+                    "no active isolation layer hides other processes, so programs could read the service's "
+                    "environment and memory (needs landlock, or pidns with seccomp or unprivileged; "
+                    f"active: {', '.join(self.state.layers) or 'none'}; {detail}); "
+                    "allow_unisolated (--allow-unisolated) starts anyway")
+            log.warning("sandbox started UNISOLATED (allow_unisolated): programs can read other processes' "
+                        "environment and memory, the service's included (%s)", detail)
         if not self._warm.wait(max(0.0, deadline - time.monotonic())) or self._fatal:
             self.close()
             raise SandboxUnavailable(f"worker pool did not warm up in {timeout:.0f} s: {self._fatal}")
@@ -167,6 +188,7 @@ class Sandbox:
         cfg = {
             "pool_size": self.config.pool_size, "max_concurrent": self.config.max_concurrent,
             "layers": list(self.config.layers), "scratch_root": self.config.scratch_root,
+            "disk_bytes": self.config.disk_bytes, "disk_files": self.config.disk_files,
             "log_level": self.config.log_level,
         }
         boot = f"import sys; sys.path.insert(0, {root!r}); from rstar.sandbox.forkserver import main; main()"
@@ -244,7 +266,8 @@ class Sandbox:
     def _on_hello(self, msg: dict) -> None:
         st = self.state
         st.layers, st.errors = list(msg["layers"]), dict(msg["errors"])
-        st.info = {k: msg.get(k) for k in ("pid", "landlock_abi", "unprivileged_mode", "preloaded", "python")}
+        st.info = {k: msg.get(k) for k in ("pid", "landlock_abi", "unprivileged_mode", "preloaded", "python",
+                                           "scratch", "disk_cap")}
         for layer in LAYERS:
             metrics.SANDBOX_ISOLATION.labels(layer).set(1 if layer in st.layers else 0)
         log.info("sandbox isolation layers active: %s", ", ".join(st.layers) or "none")

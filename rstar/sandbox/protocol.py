@@ -15,7 +15,7 @@ sandbox, in one place, so the three processes (`pool` in the service,
       {"op": "stop"}
     fork server -> service
       {"op": "hello", "pid", "layers", "errors", "landlock_abi", "unprivileged_mode",
-       "preloaded", "python"}                                  once, after the probe
+       "preloaded", "python", "scratch", "disk_cap"}           once, after the probe
       {"op": "result", "id", "stdout", "stderr", "exit_code", "failure", "duration",
        "truncated"}                                            one per run
       {"op": "stats", "idle", "running", "queued"}             when they change
