@@ -136,6 +136,24 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` for the block: several processes that prepare the
+    same directory (the policy and PPM services starting together) do it once; the others wait,
+    logging that `what` is being prepared by another process."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is preparing %s; waiting for it", what)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def save_model_dir(out_dir: str | Path, model, tokenizer, info: dict[str, Any], value_head=None) -> Path:
     """A model version directory, atomically: `model` as bf16 safetensors (its dtype is restored
     afterwards), the tokenizer, `value_head` (a PPM's head) when given, and `rstar_model.json`."""

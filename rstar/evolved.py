@@ -26,7 +26,6 @@ Not here: training (trainer), the registry's own verification of published versi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,11 +34,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from rstar.artifacts import MODEL_INFO, VALUE_HEAD_FILE, atomic_dir, read_model_info, write_model_info
+from rstar.artifacts import (MODEL_INFO, VALUE_HEAD_FILE, atomic_dir, exclusive_lock, read_model_info,
+                             write_model_info)
 from rstar.config import home_dir
 from rstar.lora import LORA_FILE
+from rstar.registry import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,6 @@ class ShippedRound:
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_round(path: str | Path) -> ShippedRound:
     path = Path(path)
     try:
@@ -130,27 +123,13 @@ def verify(shipped: ShippedRound) -> None:
             p = shipped.path / part / name
             if not p.is_file():
                 raise ShippedError(f"shipped round {shipped.path}: {part}/{name} is missing")
-            if p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+            if p.stat().st_size != want["size"] or sha256_file(p)[0] != want["sha256"]:
                 raise ShippedError(f"shipped round {shipped.path}: {part}/{name} does not match its sha256 in "
                                    f"{MANIFEST} (corrupted, or a Git LFS pointer: fetch the real file)")
 
 
 def cache_dir(shipped: ShippedRound) -> Path:
     return home_dir() / "cache" / "evolved" / shipped.model / f"r{shipped.round}-{shipped.digest}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is preparing %s; waiting for it", path.stem)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def materialise(shipped: ShippedRound, base_dir: str | Path | None = None) -> dict[str, Path]:
@@ -165,7 +144,7 @@ def materialise(shipped: ShippedRound, base_dir: str | Path | None = None) -> di
     dirs = {"policy": out / "policy", "ppm": out / "ppm"}
     if (out / DONE_MARKER).is_file():
         return dirs
-    with _locked(out.parent / f".{out.name}.lock"):
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"shipped round {shipped.round} of {shipped.model}"):
         if (out / DONE_MARKER).is_file():
             return dirs
         verify(shipped)
@@ -266,7 +245,7 @@ def export_round(registry, round_no: int, model: str, out_root: Path | None = No
             (tmp / part).mkdir()
             for name in names:
                 shutil.copy2(src / name, tmp / part / name)
-                files[part][name] = {"size": (tmp / part / name).stat().st_size, "sha256": _sha256(tmp / part / name)}
+                files[part][name] = {"size": (tmp / part / name).stat().st_size, "sha256": sha256_file(tmp / part / name)[0]}
         total = sum(f["size"] for part in files.values() for f in part.values())
         if total > MAX_ROUND_BYTES:
             raise ShippedError(f"round {round_no} is {total / 2**20:.1f} MiB; a shipped round may add at most "

@@ -245,19 +245,13 @@ def ensure_model(name: str = "default", target: Path | None = None) -> Path:
     Safe to call from several processes at once (the policy and PPM services start
     together): one converts while the others wait on a lock file, then find it done.
     """
-    import fcntl
+    from rstar.artifacts import exclusive_lock
 
     model = embedded(name)
     target = Path(target or model_dir(model))
     if (target / DONE_MARKER).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is preparing %s; waiting for it", model.name)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(target.parent / f".{target.name}.lock", model.name):
         if (target / DONE_MARKER).is_file():
             return target
         return _convert(model, target)

@@ -9,7 +9,7 @@ import torch
 
 from rstar import evolved, lora
 from rstar.artifacts import VALUE_HEAD_FILE, write_model_info
-from rstar.registry import ModelRegistry
+from rstar.registry import ModelRegistry, sha256_file
 from rstar.store import open_store
 
 MODEL = "smollm2-135m-instruct"   # an embedded name; the tests pass the tiny model as its base
@@ -91,7 +91,7 @@ def test_corrupted_or_missing_files_are_refused(tmp_path, home):
     (root / "policy").mkdir(parents=True)
     (root / "ppm").mkdir()
     (root / "policy" / lora.LORA_FILE).write_bytes(b"adapter bytes")
-    good = {"size": 13, "sha256": evolved._sha256(root / "policy" / lora.LORA_FILE)}
+    good = {"size": 13, "sha256": sha256_file(root / "policy" / lora.LORA_FILE)[0]}
     manifest = {"schema": 1, "base_model": MODEL, "round": 1, "policy": {"version": "r1", "files": {lora.LORA_FILE: good}},
                 "ppm": {"version": "r1", "files": {VALUE_HEAD_FILE: {"size": 3, "sha256": "0" * 64}}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
