@@ -209,10 +209,7 @@ class PolicyEngine:
         if len(errors) == len(job.items):
             job.future.set_exception(RequestRejected(f"the policy cannot serve this request: {errors[0]}"))
             return False
-        if all(o is not None for o in job.outputs):   # nothing left running (cannot happen with errors < items)
-            job.future.set_result(self._result(job))
-            return False
-        return True
+        return True   # at least one item is running: the job finishes in the step loop
 
     @staticmethod
     def _drop(engine, job: _Job, running: dict) -> None:
